@@ -1,0 +1,64 @@
+"""Finding the transformer blocks and the prunable Linear layers of a Hugging Face model.
+
+The blocks of a model are the entries of its outermost ``nn.ModuleList``s whose entries hold Linear
+layers: ``transformer.blocks`` (MPT), ``transformer.h`` (GPT-2), ``model.layers`` (Llama),
+``encoder.block`` then ``decoder.block`` (T5), ``encoder.layers`` then ``decoder.layers`` (Whisper).
+Embeddings and the LM head live outside the blocks and are never pruned by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = ["transformer_blocks", "prunable_linears"]
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in module.modules())
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(qualified name, block)]`` in execution order (encoder before decoder).
+
+    Raises ``ValueError`` when the model has no ``nn.ModuleList`` of blocks holding Linear layers.
+    """
+    blocks: list[tuple[str, nn.Module]] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(prefix + ".") for prefix in taken):
+            continue  # a ModuleList nested inside a block (T5's `layer`) is part of that block
+        if all(_holds_linear(child) for child in module):
+            taken.append(name)
+            blocks.extend((f"{name}.{i}", child) for i, child in enumerate(module))
+    if not blocks:
+        raise ValueError(
+            f"model of type {type(model).__name__} has no nn.ModuleList of transformer blocks with "
+            "Linear layers; pass `targets` (names of the Linear layers to prune) explicitly"
+        )
+    return blocks
+
+
+def prunable_linears(model: nn.Module, targets: Iterable[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """``[(qualified name, linear)]`` of the layers to prune, in execution order.
+
+    ``targets=None`` selects every ``nn.Linear`` inside the transformer blocks. Otherwise ``targets``
+    are qualified names (or name suffixes such as ``"attn.Wqkv"``) of ``nn.Linear`` modules; a target
+    that matches nothing raises ``ValueError``.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if targets is None:
+        prefixes = [name + "." for name, _ in transformer_blocks(model)]
+        return [(n, m) for n, m in linears if any(n.startswith(p) for p in prefixes)]
+    targets = list(targets)
+    chosen = []
+    for target in targets:
+        hits = [(n, m) for n, m in linears if n == target or n.endswith("." + target)]
+        if not hits:
+            raise ValueError(f"targets entry {target!r} matches no nn.Linear of the model")
+        chosen.extend(h for h in hits if h not in chosen)
+    order = {n: i for i, (n, _) in enumerate(linears)}
+    return sorted(chosen, key=lambda item: order[item[0]])

@@ -1,0 +1,162 @@
+"""Sparsity masks: validating patterns, accounting for zeros, and keeping masks frozen.
+
+A *mask* is a boolean tensor shaped like the weight it applies to, ``True`` where a weight is kept.
+Two kinds of pattern are supported everywhere in sparsekit:
+
+* unstructured sparsity ``s`` (``0 <= s < 1``): a fraction ``s`` of the weights is zero;
+* ``n:m`` semi-structured sparsity (``0 < n < m``): of every ``m`` consecutive inputs of a row,
+  exactly ``n`` are kept (2:4 keeps half).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sparsekit.blocks import prunable_linears
+
+__all__ = [
+    "validate_sparsity",
+    "validate_nm",
+    "nm_sparsity",
+    "is_nm_mask",
+    "sparsity_report",
+    "freeze_masks",
+    "unfreeze_masks",
+    "apply_masks",
+]
+
+
+def validate_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    """Return ``sparsity`` as a float after checking ``0 <= sparsity < 1``.
+
+    Raises ``ValueError`` naming ``name`` for NaN, infinities or values outside ``[0, 1)``, and
+    ``TypeError`` for non-numbers (booleans included).
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r} of type {type(sparsity).__name__}")
+    value = float(sparsity)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
+    return value
+
+
+def validate_nm(nm, in_features: int | None = None, name: str = "nm") -> tuple[int, int]:
+    """Return ``(n, m)`` after checking ``0 < n < m`` and, if given, ``in_features % m == 0``.
+
+    ``nm=(n, m)`` keeps ``n`` of every ``m`` consecutive inputs of a row.
+    """
+    if not isinstance(nm, (tuple, list)) or len(nm) != 2:
+        raise ValueError(f"{name} must be a pair (n, m) with 0 < n < m, e.g. (2, 4); got {nm!r}")
+    n, m = nm
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)):
+        raise ValueError(f"{name} must hold two integers (n, m) with 0 < n < m; got {nm!r}")
+    if not 0 < n < m:
+        raise ValueError(f"{name}=(n, m) needs 0 < n < m (n kept of every m); got {n}:{m}")
+    if in_features is not None and in_features % m != 0:
+        raise ValueError(
+            f"{name}={n}:{m} needs in_features divisible by m={m}; got in_features={in_features}"
+        )
+    return n, m
+
+
+def nm_sparsity(nm: tuple[int, int]) -> float:
+    """The fraction of zeros that an ``n:m`` pattern implies, ``1 - n/m``."""
+    n, m = validate_nm(nm)
+    return 1.0 - n / m
+
+
+def is_nm_mask(mask: torch.Tensor, nm: tuple[int, int]) -> bool:
+    """True when every group of ``m`` consecutive inputs of every row keeps at most ``n`` weights."""
+    n, m = validate_nm(nm, mask.shape[-1])
+    groups = mask.reshape(*mask.shape[:-1], -1, m)
+    return bool((groups.sum(-1) <= n).all())
+
+
+def sparsity_report(model: nn.Module, targets: Iterable[str] | None = None):
+    """A table of zeros per prunable ``nn.Linear`` of ``model``, with an ``overall`` row last.
+
+    Columns: ``layer``, ``shape``, ``params``, ``zeros``, ``sparsity`` (zeros / params).
+    Returns a ``pandas.DataFrame``.
+    """
+    import pandas as pd
+
+    rows = []
+    for name, linear in prunable_linears(model, targets):
+        weight = linear.weight.detach()
+        zeros = int((weight == 0).sum())
+        rows.append(
+            {"layer": name, "shape": tuple(weight.shape), "params": weight.numel(), "zeros": zeros,
+             "sparsity": zeros / weight.numel()}
+        )
+    total = sum(r["params"] for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    rows.append({"layer": "overall", "shape": None, "params": total, "zeros": zeros,
+                 "sparsity": zeros / total if total else 0.0})
+    return pd.DataFrame(rows)
+
+
+def _mask_weight(module: nn.Module, _inputs) -> None:
+    with torch.no_grad():
+        module.weight.mul_(module.weight_mask)
+
+
+def _mask_grad(mask: torch.Tensor):
+    return lambda grad: grad * mask
+
+
+def freeze_masks(model: nn.Module, targets: Iterable[str] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """Fix the current zero pattern of every prunable Linear so that nothing can regrow it.
+
+    For each layer, ``mask = weight != 0`` is stored as the non-persistent buffer ``weight_mask``
+    (so checkpoints keep the familiar keys; zeros are saved as zeros and the mask is recovered from
+    them on load). Three guards keep ``W = W ⊙ M``:
+
+    * gradients are multiplied by the mask (Adam moments of pruned weights stay zero);
+    * if ``optimizer`` is given, ``W ← W ⊙ M`` after every ``optimizer.step()`` (weight decay,
+      momentum from elsewhere);
+    * a forward pre-hook re-applies the mask, so outputs never see a regrown weight.
+
+    Returns ``{layer name: mask}``. Calling it twice replaces the earlier hooks.
+    """
+    unfreeze_masks(model)
+    masks = {}
+    for name, linear in prunable_linears(model, targets):
+        mask = linear.weight.detach() != 0
+        linear.register_buffer("weight_mask", mask.to(linear.weight.dtype), persistent=False)
+        linear._sparsekit_hooks = [
+            linear.register_forward_pre_hook(_mask_weight),
+            linear.weight.register_hook(_mask_grad(linear.weight_mask)),
+        ]
+        masks[name] = mask
+    if optimizer is not None:
+        handle = optimizer.register_step_post_hook(lambda *_: apply_masks(model))
+        model._sparsekit_optimizer_hook = handle
+    return masks
+
+
+def apply_masks(model: nn.Module) -> None:
+    """``W ← W ⊙ M`` for every layer that carries a frozen mask."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and hasattr(module, "weight_mask"):
+                module.weight.mul_(module.weight_mask)
+
+
+def unfreeze_masks(model: nn.Module) -> None:
+    """Remove the hooks and buffers that :func:`freeze_masks` installed."""
+    for module in model.modules():
+        for handle in getattr(module, "_sparsekit_hooks", []):
+            handle.remove()
+        if hasattr(module, "_sparsekit_hooks"):
+            del module._sparsekit_hooks
+        if "weight_mask" in getattr(module, "_buffers", {}):
+            del module._buffers["weight_mask"]
+    handle = getattr(model, "_sparsekit_optimizer_hook", None)
+    if handle is not None:
+        handle.remove()
+        del model._sparsekit_optimizer_hook
