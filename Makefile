@@ -1,0 +1,66 @@
+# sparsekit: `make book` regenerates every result and builds the book; `make test` runs all tests.
+# Both set up .venv first when it is missing or older than the requirements.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sparsekit-installed
+APT_PACKAGES := $(shell cat binder/apt.txt)
+SCALE ?= book
+export PYTHONHASHSEED := 0
+
+.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench lab clean
+
+setup: $(STAMP) apt
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is the first line of requirements.txt: the local CPU wheel, never a CUDA build
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sparsekit)" >/dev/null
+	@touch $@
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "missing Debian packages: $$missing"; \
+		echo "install them with: sudo apt-get install -y $$missing"; \
+	fi
+
+test: setup
+	bash .ci/steps.sh
+
+lint: setup
+	$(VENV)/bin/ruff check sparsekit tests kernels
+
+unit: setup
+	$(VENV)/bin/pytest tests -q
+
+notebooks: setup
+	SPARSEKIT_SCALE=smoke $(VENV)/bin/pytest --nbval-lax --nbval-cell-timeout=600 -q -p no:cacheprovider notebooks
+
+smoke-book: setup
+	$(PY) -m sparsekit.book --scale smoke --stage build/smoke --build
+
+teachers: setup
+	$(PY) -m sparsekit.tasks.train_all --scale $(SCALE)
+
+book: setup
+	$(PY) -m sparsekit.book --scale $(SCALE) --stage . --build
+
+bench: setup
+	$(PY) kernels/bench_prune.py
+	$(PY) kernels/bench_linear.py --json build/bench_linear.json
+	$(PY) kernels/bench_decode.py --json build/bench_decode.json
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf build book/_build book/_executed _build .pytest_cache .ruff_cache

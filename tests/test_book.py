@@ -1,0 +1,73 @@
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from sparsekit import book
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_toc_notebook_exists_with_a_parameters_cell_and_no_outputs():
+    names = book.book_notebooks()
+    assert names, "the book lists no notebooks"
+    for name in names:
+        nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+        assert len(tagged) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
+        assert 'os.environ.get("SPARSEKIT_SCALE", "book")' in "".join(tagged[0]["source"]), name
+        assert not any(c.get("outputs") for c in code), f"{name}: outputs must be stripped"
+
+
+def test_toc_parsing_and_missing_notebook(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n"
+        "      - file: book/_executed/aa\n      - file: book/prose\n      - file: book/_executed/bb\n")
+    assert book.toc_files(tmp_path / "_toc.yml") == ["book/intro", "book/_executed/aa", "book/prose",
+                                                      "book/_executed/bb"]
+    (tmp_path / "notebooks" / "aa.ipynb").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="bb"):
+        book.book_notebooks(tmp_path)
+
+
+def _notebook(path, cells):
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_run_notebook_injects_scale_and_names_the_failing_cell(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    params = new_code_cell('import os\nscale = os.environ.get("SPARSEKIT_SCALE", "book")')
+    params.metadata["tags"] = ["parameters"]
+    ok = [params, new_code_cell("assert scale == 'smoke', scale\nprint('scale is', scale)")]
+    _notebook(tmp_path / "notebooks" / "good.ipynb", ok)
+    seconds = book.run_notebook("good", "smoke", tmp_path, root=tmp_path)
+    assert seconds > 0
+    executed = nbformat.read(tmp_path / "good.ipynb", as_version=4)
+    assert "scale is smoke" in executed.cells[-1].outputs[0]["text"]
+
+    bad = [params, new_code_cell("x = 1"), new_code_cell("raise ValueError('broken on purpose')")]
+    _notebook(tmp_path / "notebooks" / "bad.ipynb", bad)
+    with pytest.raises(book.NotebookFailed, match=r"notebook bad failed in cell \[\d+\] starting \"raise ValueError\('broken on purpose'\)\": ValueError: broken on purpose"):
+        book.run_notebook("bad", "smoke", tmp_path, root=tmp_path)
+
+
+def test_stage_copies_sources_but_not_results(tmp_path):
+    stage = tmp_path / "stage"
+    book.stage_sources(stage)
+    assert (stage / "_config.yml").exists() and (stage / "_toc.yml").exists()
+    assert (stage / "book" / "intro.md").exists()
+    assert not (stage / "book" / "_executed").exists()
+    shutil.rmtree(stage)
+
+
+def test_config_is_offline():
+    config = (ROOT / "_config.yml").read_text()
+    assert "intersphinx" not in config
+    assert 'execute_notebooks: "off"' in config
