@@ -37,7 +37,7 @@ test: setup
 	bash .ci/steps.sh
 
 lint: setup
-	$(VENV)/bin/ruff check sparsekit tests kernels
+	$(VENV)/bin/ruff check .
 
 unit: setup
 	$(VENV)/bin/pytest tests -q

@@ -10,7 +10,7 @@ step() {
   "$@"
   echo "=== $name: $((SECONDS - t0)) s"
 }
-step lint $V/ruff check sparsekit tests kernels
+step lint $V/ruff check .
 step unit $V/pytest tests -q
 step notebooks env SPARSEKIT_SCALE=smoke $V/pytest --nbval-lax --nbval-cell-timeout=600 -q -p no:cacheprovider notebooks
 step smoke-book $V/python -m sparsekit.book --scale smoke --stage build/smoke --build

@@ -37,7 +37,8 @@ def validate_sparsity(sparsity: float, name: str = "sparsity") -> float:
     ``TypeError`` for non-numbers (booleans included).
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r} of type {type(sparsity).__name__}")
+        kind = type(sparsity).__name__
+        raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r} of type {kind}")
     value = float(sparsity)
     if math.isnan(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")

@@ -38,7 +38,8 @@ def error_against_sparsity(W: torch.Tensor, X: torch.Tensor, sparsities, nms, pr
     rows = []
     for s in sparsities:
         W_hat, _ = prune(W, s)
-        rows.append({"pattern": "unstructured", "sparsity": s, "rel_error": relative_output_error(W, W_hat, X)})
+        error = relative_output_error(W, W_hat, X)
+        rows.append({"pattern": "unstructured", "sparsity": s, "rel_error": error})
     for nm in nms:
         W_hat, _ = prune(W, nm=nm)
         rows.append({"pattern": f"{nm[0]}:{nm[1]}", "sparsity": nm_sparsity(nm),

@@ -54,7 +54,9 @@ def test_run_notebook_injects_scale_and_names_the_failing_cell(tmp_path):
 
     bad = [params, new_code_cell("x = 1"), new_code_cell("raise ValueError('broken on purpose')")]
     _notebook(tmp_path / "notebooks" / "bad.ipynb", bad)
-    with pytest.raises(book.NotebookFailed, match=r"notebook bad failed in cell \[\d+\] starting \"raise ValueError\('broken on purpose'\)\": ValueError: broken on purpose"):
+    expected = (r"notebook bad failed in cell \[\d+\] starting "
+                r"\"raise ValueError\('broken on purpose'\)\": ValueError")
+    with pytest.raises(book.NotebookFailed, match=expected):
         book.run_notebook("bad", "smoke", tmp_path, root=tmp_path)
 
 

@@ -72,7 +72,8 @@ def test_magnitude_bad_inputs_raise():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 12), cols=st.integers(1, 40), sparsity=st.floats(0, 0.99), seed=st.integers(0, 999))
+@given(rows=st.integers(1, 12), cols=st.integers(1, 40), sparsity=st.floats(0, 0.99),
+       seed=st.integers(0, 999))
 def test_magnitude_exact_sparsity_per_row_and_keeps_the_largest(rows, cols, sparsity, seed):
     W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     pruned, mask = magnitude_prune(W, sparsity)
