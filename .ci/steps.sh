@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=.venv/bin
+mkdir -p build
 step() {
   local name=$1; shift
   local t0=$SECONDS
@@ -11,6 +12,19 @@ step() {
   echo "=== $name: $((SECONDS - t0)) s"
 }
 step lint $V/ruff check .
-step unit $V/pytest tests -q
-step notebooks env SPARSEKIT_SCALE=smoke $V/pytest --nbval-lax --nbval-cell-timeout=600 -q -p no:cacheprovider notebooks
+step unit $V/pytest tests -q --junitxml=build/junit-unit.xml
+step notebooks env SPARSEKIT_SCALE=smoke $V/pytest --nbval-lax --nbval-cell-timeout=600 -q \
+  -p no:cacheprovider --junitxml=build/junit-notebooks.xml notebooks
 step smoke-book $V/python -m sparsekit.book --scale smoke --stage build/smoke --build
+# one closing line for everything pytest ran
+$V/python - <<'PY'
+import xml.etree.ElementTree as ET
+totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for path in ("build/junit-unit.xml", "build/junit-notebooks.xml"):
+    for suite in ET.parse(path).getroot().iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+failed = totals["failures"] + totals["errors"]
+passed = totals["tests"] - failed - totals["skipped"]
+print(f"tests: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+PY
