@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["transformer_blocks", "prunable_linears"]
+__all__ = ["transformer_blocks", "prunable_linears", "capture_linear_inputs"]
 
 
 def _holds_linear(module: nn.Module) -> bool:
@@ -62,3 +62,30 @@ def prunable_linears(model: nn.Module, targets: Iterable[str] | None = None) -> 
         chosen.extend(h for h in hits if h not in chosen)
     order = {n: i for i, (n, _) in enumerate(linears)}
     return sorted(chosen, key=lambda item: order[item[0]])
+
+
+def capture_linear_inputs(model: nn.Module, linear: nn.Linear, batches, max_tokens: int = 8192):
+    """The inputs that ``linear`` sees when ``model`` runs on ``batches``, as ``[tokens, in]`` float32.
+
+    Runs ``model(**batch)`` for each batch under ``torch.no_grad`` with a forward hook on ``linear``;
+    leading dimensions are flattened into tokens, and at most ``max_tokens`` tokens are kept.
+    """
+    import torch
+
+    seen: list = []
+
+    def record(_module, inputs):
+        seen.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
+
+    handle = linear.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+                if sum(x.shape[0] for x in seen) >= max_tokens:
+                    break
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("batches is empty or never reached the layer: no inputs captured")
+    return torch.cat(seen)[:max_tokens]
