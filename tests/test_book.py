@@ -73,3 +73,21 @@ def test_config_is_offline():
     config = (ROOT / "_config.yml").read_text()
     assert "intersphinx" not in config
     assert 'execute_notebooks: "off"' in config
+
+
+def test_results_are_recorded_and_rendered_into_the_readme(tmp_path, monkeypatch):
+    monkeypatch.delenv(book.RESULTS_ENV, raising=False)
+    assert book.record_results("nb", {"a": "1"}) is None  # outside a book run: nothing written
+    monkeypatch.setenv(book.RESULTS_ENV, str(tmp_path / "results"))
+    book.record_results("01_x", {"teacher BLEU": "40.1 (baseline 0.2)"})
+    summary = book.render_summary(tmp_path / "results", {"01_x": 90.0, "02_y": 30.0}, "book", 120.0)
+    assert "| 01_x | teacher BLEU: 40.1 (baseline 0.2) |" in summary
+    assert "| 02_y | 0.5 |" in summary and "2.0 min" in summary
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{book.README_MARKERS[0]}\nold\n{book.README_MARKERS[1]}\noutro\n")
+    assert book.update_readme(summary, readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "teacher BLEU" in text
+    readme.write_text("no markers")
+    assert not book.update_readme(summary, readme)

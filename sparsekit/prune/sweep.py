@@ -72,6 +72,7 @@ def one_shot_sweep(task, teacher, methods: Sequence[str] = METHODS, sparsities: 
                      "structure": "n:m" if pattern["nm"] else "unstructured",
                      "sparsity": pattern["sparsity"],
                      "reached": float((report["sparsity"] * weights).sum() / weights.sum()),
-                     **metrics, "prune_seconds": pruned - start, "eval_seconds": time.perf_counter() - pruned})
+                     **metrics, "prune_seconds": pruned - start,
+                     "eval_seconds": time.perf_counter() - pruned})
         layers.append(report.assign(method=method, pattern=label))
     return pd.DataFrame(rows), pd.concat(layers, ignore_index=True) if layers else pd.DataFrame()
