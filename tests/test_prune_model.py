@@ -245,3 +245,17 @@ def test_bad_arguments(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         prune_model(dense_model("mpt"), **args)
+
+
+def test_decoder_positions_without_labels_do_not_enter_the_statistics():
+    short = t5_batches(padding=True)
+    for batch in short:
+        batch["labels"] = batch["labels"][:, :6]
+    padded = copy.deepcopy(short)
+    for batch in padded:  # three more decoder positions, marked as padding by label -100
+        batch["labels"] = torch.cat([batch["labels"], torch.full((3, 3), -100)], dim=1)
+    a, b = dense_model("t5"), dense_model("t5")
+    prune_model(a, short, "sparsegpt", 0.5, progress=False)
+    prune_model(b, padded, "sparsegpt", 0.5, progress=False)
+    for (name, la), (_, lb) in zip(prunable_linears(a), prunable_linears(b)):
+        torch.testing.assert_close(la.weight, lb.weight, rtol=1e-4, atol=1e-5, msg=name)

@@ -40,6 +40,7 @@ from sparsekit.prune.wanda import wanda_prune
 __all__ = ["prune_model", "METHODS"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+IGNORE_INDEX = -100  # the label of padding positions in Hugging Face models
 
 
 class _StopForward(Exception):
@@ -226,7 +227,10 @@ def _stack_masks(model: nn.Module, stack_name: str, batch: dict, call: BlockCall
     is_decoder_stack = bool(getattr(model.config, "is_encoder_decoder", False)) and "decoder" in stack_name
     if not is_decoder_stack:
         return {"self": batch.get("attention_mask")}
-    return {"self": batch.get("decoder_attention_mask"), "encoder": batch.get("attention_mask"),
+    decoder_mask = batch.get("decoder_attention_mask")
+    if decoder_mask is None and isinstance(batch.get("labels"), torch.Tensor):
+        decoder_mask = batch["labels"] != IGNORE_INDEX  # positions without a target are padding
+    return {"self": decoder_mask, "encoder": batch.get("attention_mask"),
             "encoder_states": call.argument(block, "encoder_hidden_states")}
 
 
@@ -291,7 +295,8 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
     * ``calib_batches``: a list of dicts of model inputs, e.g. ``{"input_ids", "attention_mask"}`` for a
       causal LM, ``{"input_ids", "attention_mask", "labels"}`` (or ``"decoder_input_ids"``) for T5,
       ``{"input_features", "decoder_input_ids"}`` for Whisper. ``attention_mask`` (and
-      ``decoder_attention_mask``) exclude padding tokens from the statistics.
+      ``decoder_attention_mask``, or else ``labels == -100`` for a decoder) exclude padding tokens from
+      the statistics.
     * ``method``: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``; ``sparsity`` or ``nm=(n, m)`` as in
       :func:`sparsegpt_prune`; ``blocksize`` and ``percdamp`` are SparseGPT's.
     * ``targets``: Linear names (or suffixes) inside the transformer blocks; default all of them.
