@@ -1,5 +1,9 @@
 """One-shot pruning: magnitude, Wanda and SparseGPT, and the layer-by-layer driver."""
 
 from sparsekit.prune.magnitude import magnitude_prune, mask_from_scores
+from sparsekit.prune.sequential import prune_model
+from sparsekit.prune.sparsegpt import HessianError, sparsegpt_prune
+from sparsekit.prune.wanda import wanda_prune
 
-__all__ = ["magnitude_prune", "mask_from_scores"]
+__all__ = ["magnitude_prune", "mask_from_scores", "wanda_prune", "sparsegpt_prune", "prune_model",
+           "HessianError"]

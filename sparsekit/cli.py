@@ -1,0 +1,205 @@
+"""The ``sparsekit`` command.
+
+``sparsekit prune MODEL --calib SOURCE --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
+Hugging Face model (a local path, or a hub id when online) one shot, saves it with ``save_pretrained``
+(safetensors) and prints the sparsity report. ``sparsekit book ...`` runs the book driver
+(:mod:`sparsekit.book`).
+
+Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
+``finetune`` (sparse fine-tuning) and ``bench`` (kernel benchmarks) are added there by their issues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "text_calibration_batches"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prune
+
+
+def _nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nm must look like N:M (e.g. 2:4), got {text!r}") from None
+    return n, m
+
+
+def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Hugging Face model directory (or hub id)")
+    parser.add_argument("--calib", required=True,
+                        help="calibration source: a text file (.txt, or .jsonl with a 'text' field) or a "
+                             "sparsekit task name (translation, speech, math)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory for the pruned model")
+    parser.add_argument("--method", default="sparsegpt", choices=("sparsegpt", "wanda", "magnitude"))
+    pattern = parser.add_mutually_exclusive_group()
+    pattern.add_argument("--sparsity", type=float, default=0.5, help="fraction of zeros (default 0.5)")
+    pattern.add_argument("--nm", type=_nm, default=None, metavar="N:M", help="keep N of every M, e.g. 2:4")
+    parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                        help="Linear names or suffixes to prune (default: all inside the blocks)")
+    parser.add_argument("--n-calib", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per text sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    parser.add_argument("--device", default=None, help="where blocks are processed (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _read_text(path: Path, field: str = "text") -> str:
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return "\n".join(str(row[field]) for row in lines)
+    return path.read_text()
+
+
+def text_calibration_batches(tokenizer, text: str, n: int, seq_len: int, batch_size: int, seed: int = 0,
+                             encoder_decoder: bool = False) -> list[dict]:
+    """``n`` windows of ``seq_len`` tokens drawn (seeded) from ``text``, in batches of ``batch_size``.
+
+    Each batch holds ``input_ids`` and ``attention_mask`` ``[batch, seq_len]``; for an encoder-decoder
+    model also ``labels`` (the same window: the decoder reconstructs its input).
+    """
+    import torch
+
+    for name, value in (("n", n), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
+                         "pass a smaller --seq-len or a longer text")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
+    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    batches = []
+    for chunk in windows.split(batch_size):
+        batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        if encoder_decoder:
+            batch["labels"] = chunk.clone()
+        batches.append(batch)
+    return batches
+
+
+def _load_model(path: str):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    for architecture in config.architectures or []:
+        cls = getattr(transformers, architecture, None)
+        if cls is not None:
+            return cls.from_pretrained(path)
+    if config.is_encoder_decoder:
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+def _calibration(args, model) -> tuple[list[dict], object]:
+    """The calibration batches and the tokenizer to save with the model (None for a task source)."""
+    source = Path(args.calib)
+    if source.is_file():
+        if getattr(model, "main_input_name", "input_ids") != "input_ids":
+            raise SystemExit(f"sparsekit prune: a text file cannot calibrate {type(model).__name__} "
+                             f"(its input is {model.main_input_name!r}); pass a task name as --calib")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        batches = text_calibration_batches(tokenizer, _read_text(source), args.n_calib, args.seq_len,
+                                           args.batch_size, args.seed,
+                                           bool(getattr(model.config, "is_encoder_decoder", False)))
+        return batches, tokenizer
+    try:
+        from sparsekit import tasks
+    except ImportError as error:
+        raise SystemExit(f"sparsekit prune: --calib {args.calib!r} is not a file, and the task registry "
+                         f"(sparsekit.tasks) cannot be imported: {error}") from error
+    return list(tasks.get(args.calib).calibration_batches(args.n_calib, args.batch_size)), None
+
+
+def run_prune(args) -> int:
+    import torch
+
+    from sparsekit.masks import sparsity_report
+    from sparsekit.prune import prune_model
+
+    torch.manual_seed(args.seed)
+    model = _load_model(args.model)
+    if args.device:
+        model.to(args.device)
+    batches, tokenizer = _calibration(args, model)
+    report = prune_model(model, batches, args.method, args.sparsity, nm=args.nm, targets=args.targets,
+                         blocksize=args.blocksize, percdamp=args.percdamp, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    summary = sparsity_report(model, args.targets)
+    overall = summary.iloc[-1]
+    (args.out / "prune_report.json").write_text(json.dumps({
+        "model": str(args.model), "calib": str(args.calib), "method": args.method,
+        "sparsity": None if args.nm else args.sparsity, "nm": list(args.nm) if args.nm else None,
+        "overall_sparsity": float(overall["sparsity"]), "layers": report.to_dict(orient="records"),
+    }, indent=2, default=list))
+    print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"overall sparsity of the pruned layers: {overall['sparsity']:.4f} "
+          f"({int(overall['zeros'])} of {int(overall['params'])} weights are zero)")
+    print(f"saved to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# book
+
+
+def _add_book_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(passthrough=True)  # every further argument goes to python -m sparsekit.book
+
+
+def run_book(args) -> int:
+    from sparsekit.book import main as book_main
+
+    return book_main(args.book_args)
+
+
+# name -> (help, add_arguments, run). The finetune and bench commands are added here by their issues.
+COMMANDS = {
+    "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
+              _add_prune_arguments, run_prune),
+    "book": ("run the book's notebooks (and build the book)", _add_book_arguments, run_book),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsekit", description="Sparse fine-tuning for inference "
+                                     "acceleration of LLMs, reproduced at small scale.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "passthrough", False):
+        args.book_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as error:  # bad arguments found by the library: usage error, not a traceback
+        parser.exit(2, f"sparsekit {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
