@@ -4,7 +4,8 @@ File layout: every part of a compressed weight ``name`` is the tensor ``"{name}.
 (a bias, an embedding) is stored under ``name``. The safetensors metadata entry ``"sparsekit"`` is JSON:
 
     {"version": 1, "weights": {name: {"format": "bitmask"|"nm"|"csr"|"dense", "format_version": 1,
-                                      "shape": [rows, cols], "extra": {...}, "sha256": {part: hex}}}}
+                                      "shape": [rows, cols], "extra": {...}, "sha256": {part: hex}}},
+     "weights_sha256": hex of the "weights" entry}
 
 ``load_sparse`` refuses (``ValueError`` naming the file and the weight) a file that is not a sparsekit
 file, a newer version, a missing or unexpected part, a checksum mismatch (flipped bits) or a structure
@@ -62,10 +63,17 @@ def save_sparse(path, weights: dict, metadata: dict[str, str] | None = None) -> 
             tensors[key] = tensor.detach().contiguous().cpu()
         entries[name]["sha256"] = {key: _digest(t) for key, t in parts.items()}
     meta = dict(metadata or {})
-    meta[META_KEY] = json.dumps({"version": FILE_VERSION, "weights": entries})
+    meta[META_KEY] = json.dumps({"version": FILE_VERSION, "weights": entries,
+                                 "weights_sha256": _entries_digest(entries)})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
     return path
+
+
+def _entries_digest(entries: dict) -> str:
+    """Checksum of the per-weight metadata (shapes, formats, tensor checksums): a flipped digit in a shape
+    could otherwise describe a different, still well-formed weight."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def _fail(path, message: str) -> ValueError:
@@ -85,11 +93,13 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _fail(path, f"no {META_KEY!r} metadata entry; was it written by save_sparse?")
     try:
         header = json.loads(meta[META_KEY])
-        version, entries = header["version"], header["weights"]
+        version, entries, digest = header["version"], header["weights"], header["weights_sha256"]
     except (ValueError, KeyError, TypeError) as error:
         raise _fail(path, f"the {META_KEY!r} metadata is not valid: {error}") from error
     if version != FILE_VERSION:
         raise _fail(path, f"file version {version!r}, this sparsekit reads version {FILE_VERSION}")
+    if not isinstance(entries, dict) or _entries_digest(entries) != digest:
+        raise _fail(path, "metadata checksum mismatch: the header is corrupted")
     return entries, tensors
 
 

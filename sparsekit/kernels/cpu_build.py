@@ -76,6 +76,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sk_csr_matmul.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, ptr, i64, i64, ptr, i32, i32]
     lib.sk_bitmask_to_dense.restype = i32
     lib.sk_bitmask_to_dense.argtypes = [ptr, i64, ptr, i32, ptr, i64, i64, i64, i64, ptr, i32, i32]
+    lib.sk_read_sum.restype = ctypes.c_double
+    lib.sk_read_sum.argtypes = [ptr, i64, i32, i32]
     return lib
 
 

@@ -96,12 +96,16 @@ typedef struct {
 
 typedef void (*rows_fn)(const sk_args *a, int64_t r0, int64_t r1);
 
+#define SK_ROW_CHUNK 32           /* rows per work item; the batched bitmask kernel keeps state for this many */
+#define SK_PARALLEL_WORK (1 << 18) /* below ~256K weight positions x batch, threads cost more than they save */
+
 /* Output rows split in chunks handed out dynamically: a core slowed by another process takes fewer. */
 static void run_rows(rows_fn fn, const sk_args *a, int64_t R, int nthreads) {
-    const int64_t chunk = 32;
+    const int64_t chunk = SK_ROW_CHUNK;
     const int64_t chunks = (R + chunk - 1) / chunk;
-    if (nthreads <= 1 || chunks <= 1) {
-        fn(a, 0, R);
+    const int64_t work = R * a->K * (a->B > 0 ? a->B : 1);
+    if (nthreads <= 1 || chunks <= 1 || work < SK_PARALLEL_WORK) {
+        for (int64_t c = 0; c < chunks; c++) fn(a, c * chunk, (c * chunk + chunk < R) ? c * chunk + chunk : R);
         return;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -256,56 +260,112 @@ SK_AVX2 SK_INLINE float bitmask_row_dot1(const uint8_t *mask, int64_t bpr, const
     return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-/* One row times NB (<= 8) rows of x: each expanded byte feeds NB FMAs. */
-SK_AVX2 SK_INLINE void bitmask_row_dotn(const uint8_t *mask, int64_t bpr, const char *v, const float *x,
-                                        int64_t ldx, const int vt, const int NB, float *out) {
+/* One row times NB (<= 8) rows of x over nj mask bytes, x blocked as xb[j][NB][8] (the 8 columns of
+ * mask byte j of every batch row side by side): each expanded byte feeds NB FMAs. Returns the value
+ * pointer after the last byte. */
+SK_AVX2 SK_INLINE const char *bitmask_row_dotn(const uint8_t *mask, int64_t nj, const char *v, const float *xb,
+                                               const int vt, const int NB, float *out) {
     const int64_t es = (vt == VT_F32) ? 4 : 2;
     __m256 acc[8];
 #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < bpr; j++) {
+    int64_t j = 0;
+    if (NB <= 4) { /* two bytes per step, two accumulator sets: hides the FMA latency */
+        __m256 acc2[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++) acc2[b] = _mm256_setzero_ps();
+        for (; j + 2 <= nj; j += 2) {
+            unsigned b0 = mask[j], b1 = mask[j + 1];
+            __m256 w0 = expand8(v, b0, vt);
+            __m256 w1 = expand8(v + es * __builtin_popcount(b0), b1, vt);
+            v += es * __builtin_popcount(b0 | (b1 << 8));
+            const float *xj = xb + j * NB * 8;
+#pragma GCC unroll 4
+            for (int b = 0; b < NB; b++) {
+                acc[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xj + 8 * b), acc[b]);
+                acc2[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xj + NB * 8 + 8 * b), acc2[b]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++) acc[b] = _mm256_add_ps(acc[b], acc2[b]);
+    }
+    for (; j < nj; j++) {
         unsigned byte = mask[j];
         __m256 w = expand8(v, byte, vt);
         v += es * __builtin_popcount(byte);
+        const float *xj = xb + j * NB * 8;
 #pragma GCC unroll 8
-        for (int b = 0; b < NB; b++) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * ldx + 8 * j), acc[b]);
+        for (int b = 0; b < NB; b++) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xj + 8 * b), acc[b]);
     }
 #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) out[b] = hsum8(acc[b]);
+    return v;
+}
+
+SK_AVX2 SK_INLINE const char *bitmask_row_dotn_any(const uint8_t *mask, int64_t nj, const char *v,
+                                                   const float *xb, const int vt, int64_t nb, float *out) {
+    switch (nb) {
+    case 1: return bitmask_row_dotn(mask, nj, v, xb, vt, 1, out);
+    case 2: return bitmask_row_dotn(mask, nj, v, xb, vt, 2, out);
+    case 3: return bitmask_row_dotn(mask, nj, v, xb, vt, 3, out);
+    case 4: return bitmask_row_dotn(mask, nj, v, xb, vt, 4, out);
+    case 5: return bitmask_row_dotn(mask, nj, v, xb, vt, 5, out);
+    case 6: return bitmask_row_dotn(mask, nj, v, xb, vt, 6, out);
+    case 7: return bitmask_row_dotn(mask, nj, v, xb, vt, 7, out);
+    default: return bitmask_row_dotn(mask, nj, v, xb, vt, 8, out);
+    }
 }
 
 /* Rows whose last SIMD load would pass the end of the value buffer take the scalar path. */
 SK_AVX2 SK_INLINE int near_end(const sk_args *a, int64_t r) { return args_row_end(a, r) + 8 > a->nnz; }
 
+#define SK_MAX_BATCH 16   /* batch rows per pass (sk_bitmask_matmul splits larger batches) */
+#define SK_TILE 64        /* mask bytes (512 columns) per K tile: 8 batch rows of x tile = 16 KiB, in L1 */
+
 SK_AVX2 SK_INLINE void bitmask_rows_avx2(const sk_args *a, int64_t r0, int64_t r1, const int vt) {
-    const int64_t es = (vt == VT_F32) ? 4 : 2, B = a->B, R = a->R, ldx = a->ldx, bpr = a->bpr;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *mask = a->bits + r * bpr;
-        const char *v = a->values + es * args_row_start(a, r);
-        if (near_end(a, r)) {
-            for (int64_t b = 0; b < B; b++) a->y[b * R + r] = bitmask_row_dot_scalar(mask, bpr, v, vt, a->x + b * ldx);
-            continue;
+    const int64_t es = (vt == VT_F32) ? 4 : 2, B = a->B, R = a->R, bpr = a->bpr;
+    if (B == 1) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *mask = a->bits + r * bpr;
+            const char *v = a->values + es * args_row_start(a, r);
+            a->y[r] = near_end(a, r) ? bitmask_row_dot_scalar(mask, bpr, v, vt, a->x)
+                                     : bitmask_row_dot1(mask, bpr, v, a->x, vt);
         }
-        if (B == 1) {
-            a->y[r] = bitmask_row_dot1(mask, bpr, v, a->x, vt);
-            continue;
-        }
-        float out[8];
+        return;
+    }
+    /* Batch > 1: K tiles outermost, so a tile of x (per 8 batch rows) stays in L1 while all rows of the
+     * block consume it; each row keeps its value pointer and partial sums between tiles. */
+    const char *v[SK_ROW_CHUNK];
+    float sums[SK_ROW_CHUNK][SK_MAX_BATCH];
+    int scalar[SK_ROW_CHUNK];
+    const int64_t n = r1 - r0;
+    for (int64_t i = 0; i < n; i++) {
+        v[i] = a->values + es * args_row_start(a, r0 + i);
+        scalar[i] = near_end(a, r0 + i);
+        for (int64_t b = 0; b < B; b++) sums[i][b] = 0.0f;
+    }
+    for (int64_t j0 = 0; j0 < bpr; j0 += SK_TILE) {
+        const int64_t nj = (bpr - j0) < SK_TILE ? (bpr - j0) : SK_TILE;
+        const char *next[SK_ROW_CHUNK];
         for (int64_t b0 = 0; b0 < B; b0 += 8) {
             const int64_t nb = (B - b0) < 8 ? (B - b0) : 8;
-            const float *xb = a->x + b0 * ldx;
-            switch (nb) {
-            case 1: out[0] = bitmask_row_dot1(mask, bpr, v, xb, vt); break;
-            case 2: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 2, out); break;
-            case 3: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 3, out); break;
-            case 4: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 4, out); break;
-            case 5: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 5, out); break;
-            case 6: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 6, out); break;
-            case 7: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 7, out); break;
-            default: bitmask_row_dotn(mask, bpr, v, xb, ldx, vt, 8, out); break;
+            const float *xb = a->xt + (b0 / 8) * a->nbp + j0 * nb * 8;
+            for (int64_t i = 0; i < n; i++) {
+                if (scalar[i]) continue;
+                float out[8];
+                next[i] = bitmask_row_dotn_any(a->bits + (r0 + i) * bpr + j0, nj, v[i], xb, vt, nb, out);
+                for (int64_t b = 0; b < nb; b++) sums[i][b0 + b] += out[b];
             }
-            for (int64_t b = 0; b < nb; b++) a->y[(b0 + b) * R + r] = out[b];
         }
+        for (int64_t i = 0; i < n; i++) v[i] = next[i];
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = r0 + i;
+        for (int64_t b = 0; b < B; b++)
+            a->y[b * R + r] = scalar[i] ? bitmask_row_dot_scalar(a->bits + r * bpr, bpr,
+                                                                 a->values + es * args_row_start(a, r), vt,
+                                                                 a->x + b * a->ldx)
+                                        : sums[i][b];
     }
 }
 
@@ -445,14 +505,39 @@ int sk_init(void) {
 int sk_bitmask_matmul(const uint8_t *bits, int64_t bpr, const void *values, int vt, const int64_t *row_offsets,
                       int64_t row_stride, int64_t nnz, int64_t R, const float *x, int64_t B, int64_t ldx, float *y,
                       int nthreads, int simd) {
+    if (B > SK_MAX_BATCH) { /* passes of at most SK_MAX_BATCH rows of x; y rows are contiguous per batch row */
+        for (int64_t b0 = 0; b0 < B; b0 += SK_MAX_BATCH) {
+            const int64_t nb = (B - b0) < SK_MAX_BATCH ? (B - b0) : SK_MAX_BATCH;
+            int status = sk_bitmask_matmul(bits, bpr, values, vt, row_offsets, row_stride, nnz, R, x + b0 * ldx,
+                                           nb, ldx, y + b0 * R, nthreads, simd);
+            if (status) return status;
+        }
+        return 0;
+    }
     sk_args a = {0};
     a.bits = bits, a.bpr = bpr, a.values = (const char *)values, a.vt = vt, a.row_offsets = row_offsets;
     a.row_stride = row_stride, a.nnz = nnz, a.R = R, a.K = 8 * bpr, a.x = x, a.B = B, a.ldx = ldx, a.y = y;
     rows_fn fn = bitmask_rows_scalar;
+    float *blocked = NULL;
 #if SK_X86
-    if (simd) fn = vt == VT_BF16 ? bitmask_rows_avx2_bf16 : vt == VT_F16 ? bitmask_rows_avx2_f16 : bitmask_rows_avx2_f32;
+    if (simd) {
+        fn = vt == VT_BF16 ? bitmask_rows_avx2_bf16 : vt == VT_F16 ? bitmask_rows_avx2_f16 : bitmask_rows_avx2_f32;
+        if (B > 1) { /* x blocked per chunk of 8 batch rows: [chunk][j][rows of the chunk][8] */
+            blocked = (float *)malloc((size_t)(((B + 7) / 8) * 64 * bpr) * sizeof(float));
+            if (!blocked) return 1;
+            for (int64_t b0 = 0; b0 < B; b0 += 8) {
+                const int64_t nb = (B - b0) < 8 ? (B - b0) : 8;
+                float *chunk = blocked + (b0 / 8) * 64 * bpr;
+                for (int64_t j = 0; j < bpr; j++)
+                    for (int64_t b = 0; b < nb; b++)
+                        memcpy(chunk + (j * nb + b) * 8, x + (b0 + b) * ldx + 8 * j, 8 * sizeof(float));
+            }
+            a.xt = blocked, a.nbp = 64 * bpr;
+        }
+    }
 #endif
     run_rows(fn, &a, R, nthreads);
+    free(blocked);
     return 0;
 }
 
@@ -498,4 +583,42 @@ int sk_bitmask_to_dense(const uint8_t *bits, int64_t bpr, const void *values, in
     (void)simd;
     run_rows(fn, &a, R, nthreads);
     return 0;
+}
+
+/* Sum of n floats, streamed once: a read-bandwidth probe that shares the kernels' threading. */
+#if SK_X86
+SK_AVX2 static double read_sum_avx2(const float *p, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+    }
+    double acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) acc += p[i];
+    return acc;
+}
+#endif
+
+double sk_read_sum(const float *p, int64_t n, int nthreads, int simd) {
+    double total = 0.0;
+    const int64_t chunk = 1 << 16;
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    (void)simd;
+#pragma omp parallel for schedule(dynamic, 8) reduction(+ : total) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i0 = c * chunk, len = (i0 + chunk < n) ? chunk : n - i0;
+#if SK_X86
+        if (simd) {
+            total += read_sum_avx2(p + i0, len);
+            continue;
+        }
+#endif
+        double acc = 0.0;
+        for (int64_t i = 0; i < len; i++) acc += p[i0 + i];
+        total += acc;
+    }
+    return total;
 }
