@@ -37,7 +37,8 @@ from sparsekit.prune import magnitude_prune
 
 __all__ = ["machine_info", "last_level_cache_bytes", "read_probe", "measure_bandwidth", "measure_peak_flops",
            "interleaved_times", "parse_pattern", "prune_weight", "bench_linear", "summarize_linear",
-           "arithmetic_intensity", "tiny_mpt", "bench_decode", "PATTERNS"]
+           "bytes_on_disk", "arithmetic_intensity", "attainable_gflops", "achieved_points", "goal_table",
+           "tiny_mpt", "bench_decode", "teacher_decode", "PATTERNS"]
 
 PATTERNS = ("50%", "70%", "80%", "90%", "2:4", "4:8", "16:32")
 
@@ -254,19 +255,21 @@ def linear_rows(candidates, times, bandwidth, **labels) -> list[dict]:
 
 def bench_linear(shapes=((4096, 4096), (11008, 4096)), patterns=PATTERNS, batches=(1, 4, 16),
                  repeats: int = 10, values_dtype: torch.dtype = torch.bfloat16, torch_csr: bool = True,
-                 seed: int = 0, progress: bool = True) -> dict:
+                 seed: int = 0, progress: bool = True, rotate_bytes: int | None = None,
+                 probe_bytes: int = 256 << 20) -> dict:
     """Time every kernel for each (shape, pattern, batch); returns ``{"machine", "rows", ...}``.
 
     A row: ``shape``, ``pattern``, ``sparsity``, ``batch``, ``kernel``, ``format``, ``dtype``, ``nbytes``,
     ``min_ms``, ``median_ms``, ``bandwidth_GBps`` (read probe in the same rounds), ``limit_ms``
     (``nbytes / bandwidth``), ``frac_of_limit`` and ``speedup_vs_fp32`` / ``_bf16`` / ``_best_dense``
-    (ratios of minimum times).
+    (ratios of minimum times). ``rotate_bytes`` (default 3x the last-level cache) is the size the copies
+    of each weight add up to; ``probe_bytes`` the size of the read-bandwidth probe.
     """
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    rotate_bytes = 3 * last_level_cache_bytes()
-    probe = torch.ones(256 << 18)  # 256 MiB
+    rotate_bytes = 3 * last_level_cache_bytes() if rotate_bytes is None else rotate_bytes
+    probe = torch.ones(probe_bytes // 4)
     rows = []
     work = [(s, p) for s in shapes for p in patterns]
     for (out_features, in_features), pattern in tqdm(work, desc="bench_linear", disable=not progress):
@@ -282,6 +285,40 @@ def bench_linear(shapes=((4096, 4096), (11008, 4096)), patterns=PATTERNS, batche
             rows.extend(linear_rows(candidates, times, bandwidth, **labels, batch=batch))
         del candidates
     return {"machine": machine_info(), "repeats": repeats, "seed": seed, "rows": rows}
+
+
+def bytes_on_disk(shape=(11008, 4096), patterns=PATTERNS, values_dtype: torch.dtype = torch.bfloat16,
+                  seed: int = 0, directory=None) -> list[dict]:
+    """File sizes of one pruned weight saved with ``save_sparse`` in each format, against dense files.
+
+    Rows: ``pattern``, ``format``, ``file_bytes``, ``vs_dense_fp32``, ``vs_dense_bf16`` (ratios of file
+    sizes, dense = the same weight in a safetensors file at fp32 / bf16).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from sparsekit.formats import save_sparse
+
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        def size(name, weight):
+            path = save_sparse(Path(tmp) / f"{name}.safetensors", {"weight": weight})
+            return path.stat().st_size
+
+        dense = {"fp32": size("fp32", W), "bf16": size("bf16", W.bfloat16())}
+        for pattern in patterns:
+            Wp = prune_weight(W, pattern)
+            formats = {"bitmask": BitmaskWeight.from_dense(Wp, dtype=values_dtype),
+                       "csr": CSRWeight.from_dense(Wp, dtype=values_dtype)}
+            if ":" in pattern:
+                formats["nm"] = NMWeight.from_dense(Wp, nm=parse_pattern(pattern)["nm"], dtype=values_dtype)
+            for name, weight in formats.items():
+                nbytes = size(f"{pattern.replace(':', '-').replace('%', '')}-{name}", weight)
+                rows.append({"pattern": pattern, "format": name, "file_bytes": nbytes,
+                             "vs_dense_fp32": nbytes / dense["fp32"],
+                             "vs_dense_bf16": nbytes / dense["bf16"]})
+    return rows
 
 
 def summarize_linear(result: dict, kernels=("sparsekit bitmask", "sparsekit nm", "sparsekit csr")):
@@ -304,6 +341,55 @@ def arithmetic_intensity(batch: int, bytes_per_weight: float, density: float = 1
     """
     flops = 2 * batch * (1.0 if counts_all_positions else density)
     return flops / bytes_per_weight
+
+
+def attainable_gflops(intensity, bandwidth_GBps: float, peak_gflops: float):
+    """The roofline: ``min(peak, intensity · bandwidth)`` GFLOP/s at ``intensity`` FLOP/byte."""
+    return [min(peak_gflops, i * bandwidth_GBps) for i in intensity]
+
+
+def achieved_points(result: dict) -> list[dict]:
+    """Each benchmark row as a roofline point: useful FLOP/byte (``2·batch·nnz / nbytes``) and GFLOP/s."""
+    points = []
+    for row in result["rows"]:
+        rows_, cols = (int(v) for v in row["shape"].split("x"))
+        useful = 2 * row["batch"] * rows_ * cols * (1 - row["sparsity"] if row["format"] != "dense" else 1)
+        points.append({**row, "intensity": useful / row["nbytes"], "gflops": useful / row["min_ms"] / 1e6})
+    return points
+
+
+GOALS = [  # (pattern, kernel preference, minimum speedup over the best dense dtype)
+    ("70%", ("sparsekit bitmask",), 1.5),
+    ("2:4", ("sparsekit nm", "sparsekit bitmask"), 1.5),
+    ("90%", ("sparsekit csr", "sparsekit bitmask"), 3.0),
+]
+
+
+def goal_table(linear: dict, decode: dict | None = None, shape: str | None = None) -> list[dict]:
+    """The issue's goals against the measurements: batch 1 speedups over the best torch dense dtype at
+    70% / 2:4 / 90%, the fraction of the bandwidth limit at 70%, and decode tokens/s at 70%."""
+    rows = [r for r in linear["rows"] if r["batch"] == 1 and (shape is None or r["shape"] == shape)]
+    shape = shape or (rows[-1]["shape"] if rows else None)
+    out = []
+    for pattern, kernels, target in GOALS:
+        found = {r["kernel"]: r for r in rows if r["pattern"] == pattern and r["shape"] == shape}
+        best = max((found[k] for k in kernels if k in found), key=lambda r: r["speedup_vs_best_dense"],
+                   default=None)
+        if best is None:
+            continue
+        out.append({"goal": f"{shape} batch 1, {pattern}: speedup over best dense >= {target}",
+                    "kernel": best["kernel"], "measured": best["speedup_vs_best_dense"],
+                    "met": best["speedup_vs_best_dense"] >= target})
+        if pattern == "70%":
+            out.append({"goal": f"{shape} batch 1, 70%: fraction of the bandwidth limit >= 0.5",
+                        "kernel": best["kernel"], "measured": best["frac_of_limit"],
+                        "met": best["frac_of_limit"] >= 0.5})
+    for row in (decode or {}).get("rows", []):
+        if row["model"] == "sparse 70%":
+            out.append({"goal": f"decode batch {row['batch']}, 70%: tokens/s over best dense >= 1.5",
+                        "kernel": "SparseLinear (auto)", "measured": row["speedup_vs_best_dense"],
+                        "met": row["speedup_vs_best_dense"] >= 1.5})
+    return out
 
 
 def tiny_mpt(d_model: int = 4096, n_layers: int = 2, vocab_size: int = 4096, n_heads: int | None = None,
@@ -356,7 +442,8 @@ def decode_rows(models: dict, times: dict[str, list[float]], tokens: int, **labe
 
 def bench_decode(d_model: int = 4096, n_layers: int = 2, vocab_size: int = 4096, patterns=("70%", "2:4"),
                  batches=(1, 8), new_tokens: int = 64, prompt_len: int = 8, repeats: int = 3,
-                 values_dtype: torch.dtype = torch.bfloat16, seed: int = 0, progress: bool = True) -> dict:
+                 values_dtype: torch.dtype = torch.bfloat16, seed: int = 0, progress: bool = True,
+                 warmup: int = 1) -> dict:
     """Greedy decoding tokens/s: dense fp32, dense bf16 and sparse (one model per pattern), interleaved.
 
     The sparse models are the fp32 model with every block Linear replaced by a SparseLinear holding
@@ -379,8 +466,40 @@ def bench_decode(d_model: int = 4096, n_layers: int = 2, vocab_size: int = 4096,
     for batch in tqdm(batches, desc="bench_decode", disable=not progress):
         ids = torch.randint(1, vocab_size, (batch, prompt_len), generator=generator)
         times = interleaved_times({name: _decoder(model, ids, new_tokens) for name, model in models.items()},
-                                  repeats, warmup=1)
+                                  repeats, warmup=warmup)
         rows.extend(decode_rows(models, times, batch * new_tokens, batch=batch))
     config = {"d_model": d_model, "n_layers": n_layers, "vocab_size": vocab_size, "new_tokens": new_tokens,
               "prompt_len": prompt_len, "values_dtype": str(values_dtype).replace("torch.", "")}
     return {"machine": machine_info(), "config": config, "repeats": repeats, "seed": seed, "rows": rows}
+
+
+def _teacher_inputs(model, batch: int, length: int, generator) -> dict:
+    """Random inputs a teacher's ``generate`` accepts: token ids, or log-mel features for speech models."""
+    config = model.config
+    if getattr(config, "num_mel_bins", None):
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        return {"input_features": torch.randn(batch, config.num_mel_bins, frames, generator=generator)}
+    return {"input_ids": torch.randint(1, config.vocab_size, (batch, length), generator=generator)}
+
+
+def teacher_decode(task, new_tokens: int = 32, repeats: int = 3, pattern: str = "70%", batch: int = 1,
+                   scale: str = "book", values_dtype: torch.dtype = torch.bfloat16,
+                   seed: int = 0) -> list[dict]:
+    """Tokens/s of a task's teacher: dense fp32, dense bf16 and its ``pattern``-pruned sparse copy."""
+    from sparsekit.kernels.sparse_linear import sparsify_linears
+
+    base = task.teacher(scale).float().eval()
+    models = {"dense fp32": base, "dense bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    sparse = _prune_model(copy.deepcopy(base), pattern)
+    sparsify_linears(sparse, dtype=values_dtype)
+    models[f"sparse {pattern}"] = sparse
+    inputs = _teacher_inputs(base, batch, 16, torch.Generator().manual_seed(seed))
+
+    def decoder(model):
+        typed = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return lambda i: model.generate(**typed, **kwargs)
+
+    with torch.no_grad():
+        times = interleaved_times({name: decoder(model) for name, model in models.items()}, repeats)
+    return decode_rows(models, times, batch * new_tokens, teacher=type(base).__name__, batch=batch)
