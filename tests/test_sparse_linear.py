@@ -173,3 +173,11 @@ def test_sparsified_model_saves_loads_and_densifies(tmp_path):
     for name, linear in prunable_linears(model):
         assert isinstance(linear, nn.Linear)
         assert torch.equal(linear.weight != 0, reference[name] != 0)
+
+
+@pytest.mark.parametrize("format", ["bitmask", "csr"])
+def test_torch_compile_traces_the_custom_ops(format):
+    sparse = SparseLinear.from_linear(pruned_linear(sparsity=0.9 if format == "csr" else 0.7), format=format)
+    x = torch.randn(3, 40)
+    compiled = torch.compile(sparse, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), sparse(x))

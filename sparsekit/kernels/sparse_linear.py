@@ -75,13 +75,22 @@ def cpu_max_batch_csr(sparsity: float) -> int:
     return 32 if sparsity >= 0.8 else 8 if sparsity >= 0.6 else 0
 
 
+def _eager_or_op(op, impl):
+    """The custom op under ``torch.compile``/export, the plain function in eager mode (no dispatch cost)."""
+    return lambda *args: op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+
+_bitmask = _eager_or_op(ops.bitmask_linear, ops.bitmask_linear_impl)
+_nm = _eager_or_op(ops.nm_linear, ops.nm_linear_impl)
+_csr = _eager_or_op(ops.csr_linear, ops.csr_linear_impl)
+
 register_kernel("bitmask", "cpu", KernelEntry(
-    "cpu-bitmask", lambda x, w: ops.bitmask_linear(x, w.bitmask, w.values, w.row_offsets, w.shape[1]),
+    "cpu-bitmask", lambda x, w: _bitmask(x, w.bitmask, w.values, w.row_offsets, w.shape[1]),
     cpu_max_batch_expand))
 register_kernel("nm", "cpu", KernelEntry(
-    "cpu-nm", lambda x, w: ops.nm_linear(x, w.bitmask, w.values, w.shape[1]), cpu_max_batch_expand))
+    "cpu-nm", lambda x, w: _nm(x, w.bitmask, w.values, w.shape[1]), cpu_max_batch_expand))
 register_kernel("csr", "cpu", KernelEntry(
-    "cpu-csr", lambda x, w: ops.csr_linear(x, w.indptr, w.indices, w.values, w.shape[1]), cpu_max_batch_csr))
+    "cpu-csr", lambda x, w: _csr(x, w.indptr, w.indices, w.values, w.shape[1]), cpu_max_batch_csr))
 
 
 def dense_weight(weight: SparseWeight) -> torch.Tensor:
@@ -139,10 +148,15 @@ class SparseLinear(nn.Module):
 
     @property
     def weight_sparse(self) -> SparseWeight:
-        """The compressed weight viewing this module's buffers."""
-        tensors = {part: getattr(self, f"weight_{part}") for part in FORMATS[self.format].parts}
-        return FORMATS[self.format].from_parts((self.out_features, self.in_features), tensors, self._extra,
-                                               validate=False)
+        """The compressed weight viewing this module's buffers (rebuilt when a buffer is replaced)."""
+        tensors = {part: self._buffers[f"weight_{part}"] for part in FORMATS[self.format].parts}
+        key = tuple(id(t) for t in tensors.values())
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            shape = (self.out_features, self.in_features)
+            weight = FORMATS[self.format].from_parts(shape, tensors, self._extra, validate=False)
+            cached = self.__dict__["_weight_cache"] = (key, weight)
+        return cached[1]
 
     @property
     def sparsity(self) -> float:
