@@ -8,6 +8,7 @@ over dense) and writes it as JSON with ``--json PATH``.
     python kernels/bench_linear.py                 # the issue's full grid (several minutes)
     python kernels/bench_linear.py --quick         # 11008x4096, 70% / 90% / 2:4, batch 1
     python kernels/bench_linear.py --json build/bench_linear.json
+    python kernels/bench_linear.py --cpu-time     # 1 thread, CPU time: robust when the machine is shared
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds per configuration")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="11008x4096, 70%% 90%% 2:4, batch 1, 8 rounds")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread timed by its CPU time: single-core costs, robust to other processes")
     parser.add_argument("--no-torch-csr", action="store_true", help="skip the (slow) torch CSR baseline")
     parser.add_argument("--json", type=Path, help="write the table and the machine description here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.cpu_time else args.threads)
     if args.quick:
         args.shapes, args.patterns, args.batches = [(11008, 4096)], ["70%", "90%", "2:4"], [1]
         args.repeats = 8
     print("machine:", json.dumps(machine_info()))
     result = bench_linear(args.shapes, args.patterns, args.batches, repeats=args.repeats,
-                          torch_csr=not args.no_torch_csr)
+                          torch_csr=not args.no_torch_csr, timer="cpu" if args.cpu_time else "wall")
     frame = pd.DataFrame(result["rows"])
     columns = ["shape", "pattern", "batch", "kernel", "min_ms", "median_ms", "limit_ms", "frac_of_limit",
                "speedup_vs_fp32", "speedup_vs_bf16", "speedup_vs_best_dense"]

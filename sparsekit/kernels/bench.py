@@ -104,9 +104,22 @@ def read_probe(buffer: torch.Tensor) -> float:
     return lib.sk_read_sum(buffer.data_ptr(), buffer.numel(), torch.get_num_threads(), int(lib.simd))
 
 
-def interleaved_times(candidates: dict[str, Callable[[int], object]], repeats: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each candidate over ``repeats`` rounds; ``candidates[name](i)`` runs once in round ``i``."""
+TIMERS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def interleaved_times(candidates: dict[str, Callable[[int], object]], repeats: int, warmup: int = 1,
+                      timer: str = "wall") -> dict[str, list[float]]:
+    """Seconds of each candidate over ``repeats`` rounds; ``candidates[name](i)`` runs once in round ``i``.
+
+    ``timer="cpu"`` measures the calling thread's CPU time instead of wall time: on a machine shared with
+    other processes it ignores the time the thread waits to be scheduled, so it is only meaningful with
+    one thread (``torch.set_num_threads(1)``), where it is the single-core cost of each candidate.
+    """
+    if timer not in TIMERS:
+        raise ValueError(f"timer must be one of {sorted(TIMERS)}, got {timer!r}")
+    if timer == "cpu" and torch.get_num_threads() != 1:
+        raise ValueError(f"timer='cpu' needs torch.set_num_threads(1), got {torch.get_num_threads()} threads")
+    clock = TIMERS[timer]
     names = list(candidates)
     for i in range(warmup):
         for name in names:
@@ -115,9 +128,9 @@ def interleaved_times(candidates: dict[str, Callable[[int], object]], repeats: i
     for i in range(repeats):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             candidates[name](i + warmup)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -219,7 +232,7 @@ def linear_candidates(Wp: torch.Tensor, pattern: str, rotate_bytes: int, values_
 
 
 def time_candidates(candidates: dict[str, Candidate], x: torch.Tensor, probe: torch.Tensor,
-                    repeats: int) -> tuple[dict[str, list[float]], float]:
+                    repeats: int, timer: str = "wall") -> tuple[dict[str, list[float]], float]:
     """Interleaved times of every candidate on ``x`` (plus the read probe); returns (times, bytes/s)."""
     xs = {dtype: x.to(dtype) for dtype in {c.x_dtype for c in candidates.values()}}
 
@@ -229,7 +242,7 @@ def time_candidates(candidates: dict[str, Candidate], x: torch.Tensor, probe: to
 
     timed = {"read probe": lambda i: read_probe(probe)}
     timed.update({name: runner(candidate) for name, candidate in candidates.items()})
-    times = interleaved_times(timed, repeats)
+    times = interleaved_times(timed, repeats, timer=timer)
     bandwidth = probe.numel() * probe.element_size() / min(times.pop("read probe"))
     return times, bandwidth
 
@@ -256,14 +269,15 @@ def linear_rows(candidates, times, bandwidth, **labels) -> list[dict]:
 def bench_linear(shapes=((4096, 4096), (11008, 4096)), patterns=PATTERNS, batches=(1, 4, 16),
                  repeats: int = 10, values_dtype: torch.dtype = torch.bfloat16, torch_csr: bool = True,
                  seed: int = 0, progress: bool = True, rotate_bytes: int | None = None,
-                 probe_bytes: int = 256 << 20) -> dict:
+                 probe_bytes: int = 256 << 20, timer: str = "wall") -> dict:
     """Time every kernel for each (shape, pattern, batch); returns ``{"machine", "rows", ...}``.
 
     A row: ``shape``, ``pattern``, ``sparsity``, ``batch``, ``kernel``, ``format``, ``dtype``, ``nbytes``,
     ``min_ms``, ``median_ms``, ``bandwidth_GBps`` (read probe in the same rounds), ``limit_ms``
     (``nbytes / bandwidth``), ``frac_of_limit`` and ``speedup_vs_fp32`` / ``_bf16`` / ``_best_dense``
     (ratios of minimum times). ``rotate_bytes`` (default 3x the last-level cache) is the size the copies
-    of each weight add up to; ``probe_bytes`` the size of the read-bandwidth probe.
+    of each weight add up to; ``probe_bytes`` the size of the read-bandwidth probe; ``timer`` as in
+    :func:`interleaved_times`.
     """
     from tqdm.auto import tqdm
 
@@ -281,10 +295,10 @@ def bench_linear(shapes=((4096, 4096), (11008, 4096)), patterns=PATTERNS, batche
         del W, Wp
         for batch in batches:
             x = torch.randn(batch, in_features, generator=generator)
-            times, bandwidth = time_candidates(candidates, x, probe, repeats)
+            times, bandwidth = time_candidates(candidates, x, probe, repeats, timer)
             rows.extend(linear_rows(candidates, times, bandwidth, **labels, batch=batch))
         del candidates
-    return {"machine": machine_info(), "repeats": repeats, "seed": seed, "rows": rows}
+    return {"machine": machine_info(), "repeats": repeats, "seed": seed, "timer": timer, "rows": rows}
 
 
 def bytes_on_disk(shape=(11008, 4096), patterns=PATTERNS, values_dtype: torch.dtype = torch.bfloat16,
