@@ -1,0 +1,282 @@
+"""``SparseLinear``: an ``nn.Linear`` whose weight is stored compressed, and the kernel dispatch.
+
+``y = x Wᵀ + b`` with ``x [..., in]``. The rows of x flattened over the leading dimensions form the
+batch ``B``. For each call, :func:`select_kernel` picks a kernel registered for the weight's format and
+x's device and dtype whose ``max_batch(sparsity)`` admits ``B``; if none does, the weight is decompressed
+and dense ``F.linear`` runs (a prefill of many tokens is compute-bound, where the sparse kernels lose).
+
+The CPU rule (``cpu_max_batch``) comes from ``kernels/bench_linear.py`` on a 2-core AVX2 machine: the
+bitmask/N:M kernels expand every position, so their cost barely depends on sparsity and beats dense up to
+batch ~16 from 50% sparsity; the CSR kernel's cost follows the non-zeros. A GPU kernel joins with
+``register_kernel("bitmask", "cuda", ...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.blocks import prunable_linears
+from sparsekit.formats import FORMATS, BitmaskWeight, CSRWeight, NMWeight, SparseWeight
+from sparsekit.kernels import ops
+from sparsekit.kernels.cpu import bitmask_to_dense
+
+__all__ = ["SparseLinear", "sparsify_linears", "densify_linears", "register_kernel", "select_kernel",
+           "choose_format", "sparse_weights", "KernelEntry", "NM_PATTERNS", "CSR_MIN_SPARSITY"]
+
+# N:M patterns recognised by format="auto", most common first.
+NM_PATTERNS = ((2, 4), (4, 8), (8, 16), (16, 32), (16, 64), (1, 4), (2, 8))
+# Unstructured masks at least this sparse use CSR (its work follows the non-zeros); below, the bitmask.
+CSR_MIN_SPARSITY = 0.85
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """A kernel for one (format, device type): ``run(x2d, weight) -> y2d`` in x's dtype (no bias)."""
+
+    name: str
+    run: Callable[[torch.Tensor, SparseWeight], torch.Tensor]
+    max_batch: Callable[[float], int]
+    x_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_KERNELS: dict[tuple[str, str], list[KernelEntry]] = {}
+
+
+def register_kernel(format: str, device_type: str, entry: KernelEntry, first: bool = True) -> None:
+    """Make ``entry`` available for weights of ``format`` on ``device_type``; earlier entries win."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    entries = _KERNELS.setdefault((format, device_type), [])
+    entries[:] = [e for e in entries if e.name != entry.name]
+    entries.insert(0 if first else len(entries), entry)
+
+
+def select_kernel(weight: SparseWeight, device_type: str, x_dtype: torch.dtype,
+                  batch: int) -> KernelEntry | None:
+    """The first registered kernel that takes this weight, device, dtype and batch; ``None`` = dense."""
+    for entry in _KERNELS.get((weight.format, device_type), []):
+        if x_dtype in entry.x_dtypes and batch <= entry.max_batch(weight.sparsity):
+            return entry
+    return None
+
+
+def cpu_max_batch_expand(sparsity: float) -> int:
+    """Bitmask / N:M on CPU: the largest batch at which the kernel beats the best torch dense path."""
+    return 16 if sparsity >= 0.5 else 4 if sparsity >= 0.3 else 0
+
+
+def cpu_max_batch_csr(sparsity: float) -> int:
+    """CSR on CPU: its work is ``nnz·batch``, so the sparser, the larger the batch it wins at."""
+    return 32 if sparsity >= 0.8 else 8 if sparsity >= 0.6 else 0
+
+
+def _eager_or_op(op, impl):
+    """The custom op under ``torch.compile``/export, the plain function in eager mode (no dispatch cost)."""
+    return lambda *args: op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+
+_bitmask = _eager_or_op(ops.bitmask_linear, ops.bitmask_linear_impl)
+_nm = _eager_or_op(ops.nm_linear, ops.nm_linear_impl)
+_csr = _eager_or_op(ops.csr_linear, ops.csr_linear_impl)
+
+register_kernel("bitmask", "cpu", KernelEntry(
+    "cpu-bitmask", lambda x, w: _bitmask(x, w.bitmask, w.values, w.row_offsets, w.shape[1]),
+    cpu_max_batch_expand))
+register_kernel("nm", "cpu", KernelEntry(
+    "cpu-nm", lambda x, w: _nm(x, w.bitmask, w.values, w.shape[1]), cpu_max_batch_expand))
+register_kernel("csr", "cpu", KernelEntry(
+    "cpu-csr", lambda x, w: _csr(x, w.indptr, w.indices, w.values, w.shape[1]), cpu_max_batch_csr))
+
+
+def dense_weight(weight: SparseWeight) -> torch.Tensor:
+    """Decompressed ``[out, in]`` weight in the values' dtype (fast C path for bitmask/N:M on CPU)."""
+    if weight.device.type == "cpu" and isinstance(weight, (BitmaskWeight, NMWeight)):
+        offsets = weight.row_offsets if isinstance(weight, BitmaskWeight) else None
+        return bitmask_to_dense(weight.bitmask, weight.values, offsets, weight.shape[1])
+    return weight.to_dense()
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer holding a compressed weight (bitmask, N:M or CSR) and an optional dense bias.
+
+    The format's parts are buffers named ``weight_<part>`` (so ``state_dict`` keeps the mask, and
+    ``.to(device)`` moves them); ``bias`` is a frozen parameter as in ``nn.Linear``.
+    """
+
+    def __init__(self, weight: SparseWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, SparseWeight):
+            raise TypeError(f"weight must be a SparseWeight (BitmaskWeight, NMWeight, CSRWeight), got "
+                            f"{type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.format = weight.format
+        self._extra = weight.extra()
+        for part, tensor in weight.tensors().items():
+            self.register_buffer(f"weight_{part}", tensor)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got "
+                                 f"{tuple(getattr(bias, 'shape', ()))}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str = "auto", dtype: torch.dtype | None = None,
+                    nm=None) -> SparseLinear:
+        """Compress ``linear.weight`` (its zeros are the mask); ``dtype`` casts the values (default: kept)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        W = linear.weight.detach()
+        mask = W != 0
+        if format == "auto":
+            format, nm = choose_format(mask)
+        if format == "bitmask":
+            weight = BitmaskWeight.from_dense(W, dtype=dtype)
+        elif format == "nm":
+            weight = NMWeight.from_dense(W, nm=nm if nm is not None else (2, 4), dtype=dtype)
+        elif format == "csr":
+            weight = CSRWeight.from_dense(W, dtype=dtype)
+        else:
+            raise ValueError(f"format must be 'auto', 'bitmask', 'nm' or 'csr', got {format!r}")
+        return cls(weight, linear.bias)
+
+    @property
+    def weight_sparse(self) -> SparseWeight:
+        """The compressed weight viewing this module's buffers (rebuilt when a buffer is replaced)."""
+        tensors = {part: self._buffers[f"weight_{part}"] for part in FORMATS[self.format].parts}
+        key = tuple(id(t) for t in tensors.values())
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            shape = (self.out_features, self.in_features)
+            weight = FORMATS[self.format].from_parts(shape, tensors, self._extra, validate=False)
+            cached = self.__dict__["_weight_cache"] = (key, weight)
+        return cached[1]
+
+    @property
+    def sparsity(self) -> float:
+        return self.weight_sparse.sparsity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_sparse
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        kernel = select_kernel(weight, x2.device.type, x2.dtype, x2.shape[0])
+        if kernel is not None:
+            y = kernel.run(x2, weight)
+        else:
+            y = F.linear(x2, dense_weight(weight).to(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent dense ``nn.Linear`` (zeros where the mask is False)."""
+        weight = self.weight_sparse
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The non-zero count may differ from this module's: adopt the incoming parts, then validate.
+        for part in FORMATS[self.format].parts:
+            key = f"{prefix}weight_{part}"
+            if key in state_dict:
+                self._buffers[f"weight_{part}"] = state_dict[key].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        try:
+            self.weight_sparse.validate()
+        except ValueError as error:
+            error_msgs.append(f"{prefix}: the loaded {self.format} weight is malformed: {error}")
+
+    def extra_repr(self) -> str:
+        weight = self.weight_sparse
+        nm = f", nm={self._extra['n']}:{self._extra['m']}" if self.format == "nm" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.format}{nm}, dtype={weight.dtype}, "
+                f"sparsity={weight.sparsity:.3f}")
+
+
+def choose_format(mask: torch.Tensor) -> tuple[str, tuple[int, int] | None]:
+    """``("nm", (n, m))`` when the mask is a (full) N:M pattern of :data:`NM_PATTERNS`, else ``("csr", None)``
+    at sparsity >= :data:`CSR_MIN_SPARSITY`, else ``("bitmask", None)``."""
+    rows, cols = mask.shape
+    kept = int(mask.sum())
+    for n, m in NM_PATTERNS:
+        if cols % m or kept < 0.99 * rows * cols * n / m:
+            continue  # an N:M layout would store many explicit zeros
+        if bool((mask.reshape(rows, cols // m, m).sum(-1) <= n).all()):
+            return "nm", (n, m)
+    sparsity = 1.0 - kept / mask.numel() if mask.numel() else 0.0
+    return ("csr", None) if sparsity >= CSR_MIN_SPARSITY else ("bitmask", None)
+
+
+def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float = 0.3,
+                     targets: Iterable[str] | None = None, dtype: torch.dtype | None = None, nm=None):
+    """Replace, in place, every prunable ``nn.Linear`` at least ``min_sparsity`` sparse by a SparseLinear.
+
+    ``format``: ``"auto"`` (:func:`choose_format` per layer), ``"bitmask"``, ``"nm"`` (``nm=(n, m)``,
+    default: detected) or ``"csr"``; ``dtype`` casts the stored values (e.g. ``torch.bfloat16``).
+    ``targets`` as in :func:`sparsekit.blocks.prunable_linears`. Returns a ``pandas.DataFrame`` with one
+    row per layer: ``layer``, ``sparsity``, ``format``, ``nbytes``, ``dense_nbytes`` (at the dense
+    layer's dtype), ``replaced``.
+    """
+    import pandas as pd
+
+    if format not in ("auto", "bitmask", "nm", "csr"):
+        raise ValueError(f"format must be 'auto', 'bitmask', 'nm' or 'csr', got {format!r}")
+    if (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
+            or not 0 <= min_sparsity <= 1):
+        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    rows = []
+    modules = dict(model.named_modules())
+    for name, linear in prunable_linears(model, targets):
+        W = linear.weight.detach()
+        sparsity = float((W == 0).sum()) / W.numel() if W.numel() else 0.0
+        row = {"layer": name, "sparsity": sparsity, "format": "dense",
+               "nbytes": W.numel() * W.element_size(), "dense_nbytes": W.numel() * W.element_size(),
+               "replaced": False}
+        if sparsity >= min_sparsity and sparsity > 0:
+            layer_format, layer_nm = (choose_format(W != 0) if format == "auto" else (format, nm))
+            if layer_format == "nm" and layer_nm is None:
+                layer_format, layer_nm = choose_format(W != 0)
+                if layer_format != "nm":
+                    raise ValueError(f"layer {name!r} is not N:M sparse; pass nm=(n, m) or another format")
+            sparse = SparseLinear.from_linear(linear, format=layer_format, dtype=dtype, nm=layer_nm)
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, sparse)
+            row.update(format=sparse.format if sparse.format != "nm" else f"nm {layer_nm[0]}:{layer_nm[1]}",
+                       nbytes=sparse.weight_sparse.nbytes, replaced=True)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["layer", "sparsity", "format", "nbytes", "dense_nbytes", "replaced"])
+
+
+def densify_linears(model: nn.Module) -> int:
+    """Replace every SparseLinear of ``model`` by its dense ``nn.Linear``; returns how many."""
+    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+    modules = dict(model.named_modules())
+    for name, module in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, module.to_linear())
+    return len(swaps)
+
+
+def sparse_weights(model: nn.Module) -> dict:
+    """``{"<layer>.weight": SparseWeight, "<layer>.bias": Tensor}`` of each SparseLinear (for save_sparse)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            out[f"{name}.weight"] = module.weight_sparse
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias.detach()
+    return out
