@@ -4,9 +4,10 @@ Used by the first chapter of the book. The byte counts are the analytic sizes of
 ``sparsekit.formats`` (tests check that the two agree):
 
 * dense: ``r·c·b`` for ``b`` bytes per value;
-* CSR: ``nnz·(b + i) + 4·(r + 1)`` with ``i`` bytes per column index (2 for uint16, 4 for int32);
-* bitmask: ``nnz·b + r·⌈c/8⌉ + 8·r`` (values, one bit per weight, an int64 offset per row);
-* N:M: ``nnz·b + nnz·⌈log2 m⌉/8`` (values and each kept value's position inside its group).
+* CSR: ``nnz·(b + i) + 8·(r + 1)`` with ``i`` bytes per column index (2 for uint16, 4 for int32) and
+  an int64 pointer per row;
+* bitmask: ``nnz·b + r·⌈c/8⌉ + 8·(r + 1)`` (values, one bit per weight, an int64 offset per row);
+* N:M: ``nnz·b + r·⌈c/8⌉`` (values, and each group's occupancy as ``m`` bits; row offsets are implied).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def storage_bytes(rows: int, cols: int, sparsity: float, fmt: str, value_bytes: 
     if fmt == "dense":
         return rows * cols * value_bytes
     if fmt == "csr":
-        return nnz * (value_bytes + index_bytes) + 4 * (rows + 1)
+        return nnz * (value_bytes + index_bytes) + 8 * (rows + 1)
     if fmt == "bitmask":
-        return nnz * value_bytes + rows * math.ceil(cols / 8) + 8 * rows
-    return nnz * value_bytes + nnz * math.ceil(math.log2(m)) / 8
+        return nnz * value_bytes + rows * math.ceil(cols / 8) + 8 * (rows + 1)
+    return nnz * value_bytes + rows * math.ceil(cols / 8)
