@@ -77,13 +77,13 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = 
                     warnings.warn(f"SparseGPT: H of layer {name!r} is not positive definite with "
                                   f"percdamp={percdamp}; used percdamp={damp:g}", stacklevel=3)
                 return upper
-        damp = 0.01 if damp == 0 else damp * 10
-        if damp > MAX_PERCDAMP * (1 + 1e-9):
+        if (0.01 if damp == 0 else damp * 10) > MAX_PERCDAMP * (1 + 1e-9):
             raise HessianError(
                 f"H of layer {name!r} is not positive definite even with dampening "
-                f"{MAX_PERCDAMP:g}·mean(diag H); its calibration statistics are broken "
+                f"{damp:g}·mean(diag H); its calibration statistics are broken "
                 "(too few or duplicated calibration inputs, overflow in low precision?)"
             )
+        damp = 0.01 if damp == 0 else damp * 10
 
 
 def _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer, name) -> tuple[int, int] | None:
