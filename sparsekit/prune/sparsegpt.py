@@ -86,7 +86,7 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = 
         damp = 0.01 if damp == 0 else damp * 10
 
 
-def _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer, name) -> tuple[int, int] | None:
+def _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer) -> tuple[int, int] | None:
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         raise ValueError(f"W must be a 2-D tensor [out, in], got {getattr(W, 'shape', type(W))}")
     cols = W.shape[1]
@@ -144,7 +144,7 @@ def sparsegpt_prune(
     ``name`` labels the layer in errors. Raises :class:`HessianError` (a ``ValueError``) for NaN/Inf in
     ``W`` or ``H``, a negative diagonal of ``H``, or an ``H`` that dampening cannot make positive definite.
     """
-    nm_pair = _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer, name)
+    nm_pair = _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer)
     _check_finite(W, "W", name)
     _check_finite(H, "H", name)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
