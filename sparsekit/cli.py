@@ -50,6 +50,8 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--device", default=None, help="where blocks are processed (default: cpu)")
+    parser.add_argument("--scale", default=None, choices=("smoke", "book", "paper"),
+                        help="scale of a task's calibration data (default: the task's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -121,7 +123,11 @@ def _calibration(args, model) -> tuple[list[dict], object]:
     except ImportError as error:
         raise SystemExit(f"sparsekit prune: --calib {args.calib!r} is not a file, and the task registry "
                          f"(sparsekit.tasks) cannot be imported: {error}") from error
-    return list(tasks.get(args.calib).calibration_batches(args.n_calib, args.batch_size)), None
+    task = tasks.get(args.calib)
+    options = {"scale": args.scale} if args.scale else {}
+    batches = list(task.calibration_batches(args.n_calib, args.batch_size, **options))
+    tokenizer = task.tokenizer() if hasattr(task, "tokenizer") else None
+    return batches, tokenizer if hasattr(tokenizer, "save_pretrained") else None
 
 
 def run_prune(args) -> int:

@@ -20,6 +20,15 @@ from sparsekit.blocks import prunable_linears, transformer_blocks
 from sparsekit.masks import is_nm_mask
 from sparsekit.prune import magnitude_prune, prune_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one thread beats two spinning OpenMP threads (more so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 VOCAB = 100
 
 
@@ -238,13 +247,19 @@ def test_deterministic_and_restores_mode_and_cache_setting():
         ({"targets": ["lm_head"]}, ValueError, "outside the transformer blocks"),
         ({"targets": ["nothing"]}, ValueError, "matches no nn.Linear"),
         ({"quant": "int8"}, NotImplementedError, "joint sparsity"),
+        ({"nm": (2, 4), "blocksize": 6}, ValueError, "blocksize must be a multiple of m=4"),
+        ({"blocksize": 0}, ValueError, "blocksize must be a positive int"),
+        ({"percdamp": -0.5}, ValueError, "percdamp must be"),
     ],
 )
-def test_bad_arguments(kwargs, error, match):
+def test_bad_arguments_raise_before_touching_the_model(kwargs, error, match):
     args = {"calib_batches": text_batches(False), "method": "sparsegpt", "sparsity": 0.5, "progress": False}
     args.update(kwargs)
+    model = dense_model("mpt")
     with pytest.raises(error, match=match):
-        prune_model(dense_model("mpt"), **args)
+        prune_model(model, **args)
+    for (name, param), dense in zip(model.named_parameters(), _dense("mpt").parameters()):
+        assert torch.equal(param, dense), name
 
 
 def test_decoder_positions_without_labels_do_not_enter_the_statistics():

@@ -22,6 +22,7 @@ processed, so the model itself can stay on the CPU (the capture forward runs whe
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -215,6 +216,16 @@ def _validate_batches(calib_batches) -> list[dict]:
     return batches
 
 
+def _validate_solver_options(blocksize, percdamp, nm) -> None:
+    """Check SparseGPT's options before any layer is touched (a late failure leaves a half-pruned model)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if nm is not None and blocksize % nm[1]:
+        raise ValueError(f"blocksize must be a multiple of m={nm[1]} for nm={nm[0]}:{nm[1]}, got {blocksize}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < math.inf:
+        raise ValueError(f"percdamp must be a finite float >= 0, got {percdamp!r}")
+
+
 def _group_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
     """``[(stack name, [(block name, block)])]`` in execution order."""
     stacks: dict[str, list[tuple[str, nn.Module]]] = {}
@@ -328,6 +339,8 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
     if nm is not None:
         for name, linear in chosen.items():
             validate_nm(nm, linear.in_features, name=f"nm (layer {name!r})")
+    if method == "sparsegpt":
+        _validate_solver_options(blocksize, percdamp, nm)
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     was_training = model.training

@@ -77,16 +77,16 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = 
                     warnings.warn(f"SparseGPT: H of layer {name!r} is not positive definite with "
                                   f"percdamp={percdamp}; used percdamp={damp:g}", stacklevel=3)
                 return upper
-        damp = 0.01 if damp == 0 else damp * 10
-        if damp > MAX_PERCDAMP * (1 + 1e-9):
+        if (0.01 if damp == 0 else damp * 10) > MAX_PERCDAMP * (1 + 1e-9):
             raise HessianError(
                 f"H of layer {name!r} is not positive definite even with dampening "
-                f"{MAX_PERCDAMP:g}·mean(diag H); its calibration statistics are broken "
+                f"{damp:g}·mean(diag H); its calibration statistics are broken "
                 "(too few or duplicated calibration inputs, overflow in low precision?)"
             )
+        damp = 0.01 if damp == 0 else damp * 10
 
 
-def _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer, name) -> tuple[int, int] | None:
+def _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer) -> tuple[int, int] | None:
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         raise ValueError(f"W must be a 2-D tensor [out, in], got {getattr(W, 'shape', type(W))}")
     cols = W.shape[1]
@@ -144,7 +144,7 @@ def sparsegpt_prune(
     ``name`` labels the layer in errors. Raises :class:`HessianError` (a ``ValueError``) for NaN/Inf in
     ``W`` or ``H``, a negative diagonal of ``H``, or an ``H`` that dampening cannot make positive definite.
     """
-    nm_pair = _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer, name)
+    nm_pair = _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer)
     _check_finite(W, "W", name)
     _check_finite(H, "H", name)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
