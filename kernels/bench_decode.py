@@ -54,16 +54,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread timed by its CPU time: single-core costs, robust to other processes")
     parser.add_argument("--quick", action="store_true", help="1 block, batch 1, 32 new tokens, 2 rounds")
     parser.add_argument("--teachers", action="store_true", help="also time the task teachers if available")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.cpu_time else args.threads)
     if args.quick:
         args.layers, args.batches, args.new_tokens, args.repeats = 1, [1], 32, 2
     print("machine:", json.dumps(machine_info()))
     result = bench_decode(args.d_model, args.layers, args.vocab, args.patterns, args.batches, args.new_tokens,
-                          repeats=args.repeats)
+                          repeats=args.repeats, timer="cpu" if args.cpu_time else "wall")
     if args.teachers:
         result["teachers"] = teacher_rows(args.new_tokens, args.repeats)
     with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):

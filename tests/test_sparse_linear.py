@@ -181,3 +181,12 @@ def test_torch_compile_traces_the_custom_ops(format):
     x = torch.randn(3, 40)
     compiled = torch.compile(sparse, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), sparse(x))
+
+
+def test_gradients_flow_to_the_input():
+    linear = pruned_linear()
+    sparse = SparseLinear.from_linear(linear, format="bitmask")
+    x = torch.randn(2, 40, requires_grad=True)
+    sparse(x).sum().backward()
+    expected = linear.weight.sum(0).expand(2, -1)
+    torch.testing.assert_close(x.grad, expected)

@@ -457,7 +457,7 @@ def decode_rows(models: dict, times: dict[str, list[float]], tokens: int, **labe
 def bench_decode(d_model: int = 4096, n_layers: int = 2, vocab_size: int = 4096, patterns=("70%", "2:4"),
                  batches=(1, 8), new_tokens: int = 64, prompt_len: int = 8, repeats: int = 3,
                  values_dtype: torch.dtype = torch.bfloat16, seed: int = 0, progress: bool = True,
-                 warmup: int = 1) -> dict:
+                 warmup: int = 1, timer: str = "wall") -> dict:
     """Greedy decoding tokens/s: dense fp32, dense bf16 and sparse (one model per pattern), interleaved.
 
     The sparse models are the fp32 model with every block Linear replaced by a SparseLinear holding
@@ -480,11 +480,12 @@ def bench_decode(d_model: int = 4096, n_layers: int = 2, vocab_size: int = 4096,
     for batch in tqdm(batches, desc="bench_decode", disable=not progress):
         ids = torch.randint(1, vocab_size, (batch, prompt_len), generator=generator)
         times = interleaved_times({name: _decoder(model, ids, new_tokens) for name, model in models.items()},
-                                  repeats, warmup=warmup)
+                                  repeats, warmup=warmup, timer=timer)
         rows.extend(decode_rows(models, times, batch * new_tokens, batch=batch))
     config = {"d_model": d_model, "n_layers": n_layers, "vocab_size": vocab_size, "new_tokens": new_tokens,
               "prompt_len": prompt_len, "values_dtype": str(values_dtype).replace("torch.", "")}
-    return {"machine": machine_info(), "config": config, "repeats": repeats, "seed": seed, "rows": rows}
+    return {"machine": machine_info(), "config": config, "repeats": repeats, "seed": seed, "timer": timer,
+            "rows": rows}
 
 
 def _teacher_inputs(model, batch: int, length: int, generator) -> dict:

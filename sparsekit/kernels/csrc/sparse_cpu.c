@@ -270,20 +270,25 @@ SK_AVX2 SK_INLINE const char *bitmask_row_dotn(const uint8_t *mask, int64_t nj, 
 #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();
     int64_t j = 0;
-    if (NB <= 4) { /* two bytes per step, two accumulator sets: hides the FMA latency */
+    if (NB <= 4) { /* four bytes per step, offsets from prefix popcounts, two accumulator sets */
         __m256 acc2[4];
 #pragma GCC unroll 4
         for (int b = 0; b < NB; b++) acc2[b] = _mm256_setzero_ps();
-        for (; j + 2 <= nj; j += 2) {
-            unsigned b0 = mask[j], b1 = mask[j + 1];
-            __m256 w0 = expand8(v, b0, vt);
-            __m256 w1 = expand8(v + es * __builtin_popcount(b0), b1, vt);
-            v += es * __builtin_popcount(b0 | (b1 << 8));
+        for (; j + 4 <= nj; j += 4) {
+            uint32_t m;
+            memcpy(&m, mask + j, 4);
+            const int64_t o1 = __builtin_popcount(m & 0xffu), o2 = __builtin_popcount(m & 0xffffu),
+                          o3 = __builtin_popcount(m & 0xffffffu), o4 = __builtin_popcount(m);
+            const __m256 w0 = expand8(v, m & 255u, vt), w1 = expand8(v + es * o1, (m >> 8) & 255u, vt);
+            const __m256 w2 = expand8(v + es * o2, (m >> 16) & 255u, vt), w3 = expand8(v + es * o3, m >> 24, vt);
+            v += es * o4;
             const float *xj = xb + j * NB * 8;
 #pragma GCC unroll 4
             for (int b = 0; b < NB; b++) {
                 acc[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xj + 8 * b), acc[b]);
                 acc2[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xj + NB * 8 + 8 * b), acc2[b]);
+                acc[b] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xj + 2 * NB * 8 + 8 * b), acc[b]);
+                acc2[b] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xj + 3 * NB * 8 + 8 * b), acc2[b]);
             }
         }
 #pragma GCC unroll 4
@@ -320,7 +325,12 @@ SK_AVX2 SK_INLINE const char *bitmask_row_dotn_any(const uint8_t *mask, int64_t 
 SK_AVX2 SK_INLINE int near_end(const sk_args *a, int64_t r) { return args_row_end(a, r) + 8 > a->nnz; }
 
 #define SK_MAX_BATCH 16   /* batch rows per pass (sk_bitmask_matmul splits larger batches) */
-#define SK_TILE 64        /* mask bytes (512 columns) per K tile: 8 batch rows of x tile = 16 KiB, in L1 */
+#ifndef SK_TILE
+#define SK_TILE 64 /* mask bytes (512 columns) per K tile: a tile of 8 batch rows of x = 16 KiB, in L1 */
+#endif
+#ifndef SK_GROUP
+#define SK_GROUP 8 /* rows sharing the x tiles */
+#endif
 
 SK_AVX2 SK_INLINE void bitmask_rows_avx2(const sk_args *a, int64_t r0, int64_t r1, const int vt) {
     const int64_t es = (vt == VT_F32) ? 4 : 2, B = a->B, R = a->R, bpr = a->bpr;
@@ -333,39 +343,44 @@ SK_AVX2 SK_INLINE void bitmask_rows_avx2(const sk_args *a, int64_t r0, int64_t r
         }
         return;
     }
-    /* Batch > 1: K tiles outermost, so a tile of x (per 8 batch rows) stays in L1 while all rows of the
-     * block consume it; each row keeps its value pointer and partial sums between tiles. */
-    const char *v[SK_ROW_CHUNK];
-    float sums[SK_ROW_CHUNK][SK_MAX_BATCH];
-    int scalar[SK_ROW_CHUNK];
-    const int64_t n = r1 - r0;
-    for (int64_t i = 0; i < n; i++) {
-        v[i] = a->values + es * args_row_start(a, r0 + i);
-        scalar[i] = near_end(a, r0 + i);
-        for (int64_t b = 0; b < B; b++) sums[i][b] = 0.0f;
-    }
-    for (int64_t j0 = 0; j0 < bpr; j0 += SK_TILE) {
-        const int64_t nj = (bpr - j0) < SK_TILE ? (bpr - j0) : SK_TILE;
-        const char *next[SK_ROW_CHUNK];
-        for (int64_t b0 = 0; b0 < B; b0 += 8) {
-            const int64_t nb = (B - b0) < 8 ? (B - b0) : 8;
-            const float *xb = a->xt + (b0 / 8) * a->nbp + j0 * nb * 8;
-            for (int64_t i = 0; i < n; i++) {
-                if (scalar[i]) continue;
-                float out[8];
-                next[i] = bitmask_row_dotn_any(a->bits + (r0 + i) * bpr + j0, nj, v[i], xb, vt, nb, out);
-                for (int64_t b = 0; b < nb; b++) sums[i][b0 + b] += out[b];
-            }
+    /* Batch > 1: rows in groups of SK_GROUP; within a group, K tiles outermost, so a tile of x (per 8
+     * batch rows) stays in L1 while the group's rows consume it, and each row keeps its value pointer and
+     * partial sums between tiles. Small groups keep the number of concurrent memory streams (2 per row)
+     * within what the hardware prefetchers follow. */
+    const int64_t tile = B > 8 ? SK_TILE : bpr; /* up to 8 rows of x are read from L2 at full speed */
+    for (int64_t g0 = r0; g0 < r1; g0 += SK_GROUP) {
+        const int64_t n = (r1 - g0) < SK_GROUP ? (r1 - g0) : SK_GROUP;
+        const char *v[SK_GROUP];
+        float sums[SK_GROUP][SK_MAX_BATCH];
+        int scalar[SK_GROUP];
+        for (int64_t i = 0; i < n; i++) {
+            v[i] = a->values + es * args_row_start(a, g0 + i);
+            scalar[i] = near_end(a, g0 + i);
+            for (int64_t b = 0; b < B; b++) sums[i][b] = 0.0f;
         }
-        for (int64_t i = 0; i < n; i++) v[i] = next[i];
-    }
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t r = r0 + i;
-        for (int64_t b = 0; b < B; b++)
-            a->y[b * R + r] = scalar[i] ? bitmask_row_dot_scalar(a->bits + r * bpr, bpr,
-                                                                 a->values + es * args_row_start(a, r), vt,
-                                                                 a->x + b * a->ldx)
-                                        : sums[i][b];
+        for (int64_t j0 = 0; j0 < bpr; j0 += tile) {
+            const int64_t nj = (bpr - j0) < tile ? (bpr - j0) : tile;
+            const char *next[SK_GROUP];
+            for (int64_t b0 = 0; b0 < B; b0 += 8) {
+                const int64_t nb = (B - b0) < 8 ? (B - b0) : 8;
+                const float *xb = a->xt + (b0 / 8) * a->nbp + j0 * nb * 8;
+                for (int64_t i = 0; i < n; i++) {
+                    if (scalar[i]) continue;
+                    float out[8];
+                    next[i] = bitmask_row_dotn_any(a->bits + (g0 + i) * bpr + j0, nj, v[i], xb, vt, nb, out);
+                    for (int64_t b = 0; b < nb; b++) sums[i][b0 + b] += out[b];
+                }
+            }
+            for (int64_t i = 0; i < n; i++) v[i] = next[i];
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t r = g0 + i;
+            for (int64_t b = 0; b < B; b++)
+                a->y[b * R + r] = scalar[i] ? bitmask_row_dot_scalar(a->bits + r * bpr, bpr,
+                                                                     a->values + es * args_row_start(a, r), vt,
+                                                                     a->x + b * a->ldx)
+                                            : sums[i][b];
+        }
     }
 }
 
