@@ -212,16 +212,33 @@ class Task:
         return student
 
     # ---- batches ------------------------------------------------------------------------------
+    def row_length(self, row: dict) -> int | None:
+        """Length of a row in tokens (roughly) for length-bucketed batches; ``None``: no bucketing."""
+        return None
+
     def train_batches(self, batch_size: int, scale: str = "book", seed: int = 0) -> Iterator[dict]:
-        """Endless iterator of collated training batches; each epoch a fresh permutation from ``seed``."""
+        """Endless iterator of collated training batches; each epoch a fresh permutation from ``seed``.
+
+        If :meth:`row_length` is defined, each window of ``64 · batch_size`` shuffled rows is sorted by
+        length and cut into batches whose order is shuffled again (less padding, same distribution).
+        """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         rows = self.rows("train", scale)
+        if len(rows) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} training rows")
+        lengths = [self.row_length(r) for r in rows]
         rng = np.random.default_rng(seed)
+        window = 64 * batch_size
         while True:
             order = rng.permutation(len(rows))
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.collate([rows[i] for i in order[start : start + batch_size]], scale)
+            for w in range(0, len(order) - batch_size + 1, window):
+                chunk = order[w : w + window]
+                if lengths[0] is not None:
+                    chunk = sorted(chunk, key=lambda i: lengths[i])
+                batches = [chunk[s : s + batch_size] for s in range(0, len(chunk) - batch_size + 1, batch_size)]
+                for b in rng.permutation(len(batches)):
+                    yield self.collate([rows[i] for i in batches[b]], scale)
 
     def calibration_batches(self, n: int = 128, batch_size: int = 16, scale: str = "book") -> list[dict]:
         """The first ``n`` calibration rows collated in batches (labels included; harmless for pruning)."""
