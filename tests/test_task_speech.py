@@ -165,3 +165,23 @@ def test_examples_carry_log_mel_and_transcript(task):
     (ex,) = task.examples(1, "test", "smoke")
     assert ex["log_mel"].shape == (80, 100) and ex["text"] in {r["text"] for r in task.rows("test", "smoke")}
     assert ex["sample_rate"] == 16000 and ex["audio"].size > 0
+
+
+def test_cached_greedy_decoding_equals_full_recompute_on_whisper(task):
+    from sparsekit.tasks.decoding import greedy_decode
+
+    torch.manual_seed(0)
+    model = task.new_model("smoke").eval()
+    with torch.no_grad():  # large random weights so that the argmax path varies across steps
+        for p in model.parameters():
+            p.mul_(4)
+    feats = torch.randn(6, 80, 100)
+    fast = greedy_decode(model, 5, input_features=feats, eos_token_id=-1, pad_token_id=0)
+    ids = torch.full((6, 1), model.config.decoder_start_token_id)
+    with torch.no_grad():
+        enc = model.get_encoder()(feats)
+        for _ in range(5):
+            nxt = model(encoder_outputs=enc, decoder_input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(fast, ids[:, 1:])
+    assert len(set(fast[0].tolist())) > 1  # the cache matters only if the path changes with the prefix

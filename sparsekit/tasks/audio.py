@@ -30,6 +30,7 @@ __all__ = [
     "synthesize",
     "synthesize_many",
     "log_mel",
+    "resample",
 ]
 
 SAMPLE_RATE = 16_000
@@ -65,7 +66,8 @@ class Utterance:
     seed: int = 0  # noise seed
 
 
-def _resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """Polyphase resampling of ``x`` from ``src`` Hz to ``dst`` Hz (float32)."""
     from math import gcd
 
     from scipy.signal import resample_poly
@@ -91,7 +93,7 @@ def synthesize(utt: Utterance) -> np.ndarray:
     cmd = [exe, "-v", f"hi+{utt.variant}", "-s", str(utt.speed), "-p", str(utt.pitch), "--stdout", utt.text]
     wav = subprocess.run(cmd, capture_output=True, check=True).stdout
     audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    audio = _trim(_resample(audio, rate, SAMPLE_RATE))
+    audio = _trim(resample(audio, rate, SAMPLE_RATE))
     if utt.snr is not None and audio.size:
         rng = np.random.default_rng(utt.seed)
         sigma = np.sqrt(np.mean(audio**2) / 10 ** (utt.snr / 10))

@@ -316,49 +316,69 @@ class SpeechTask(Task):
     # ---- batches ------------------------------------------------------------------------------
     def collate(self, rows: list[dict], scale: str = "book") -> dict[str, torch.Tensor]:
         """``input_features`` ``[B, n_mels, frames]``; ``decoder_input_ids`` = ``<s> w1 .. wk`` and
-        ``labels`` = ``w1 .. wk </s>`` ``[B, T]`` (padding: pad id / ``-100``)."""
+        ``labels`` = ``w1 .. wk </s>`` ``[B, T]`` (padding: pad id / ``-100``).
+
+        At ``scale="paper"`` the decoder prompt is Whisper's ``<|startoftranscript|><|hi|><|transcribe|>
+        <|notimestamps|>`` (no loss on it) and the audio is resampled to 16 kHz for its 30 s front end.
+        """
         check_scale(scale)
         if not rows:
             raise ValueError("rows must be a non-empty list of speech rows")
         tok = self.tokenizer(scale)
         if scale == "paper":
             feats = self._paper_features(rows)
-            start, eos = self.model_config(scale).decoder_start_token_id, tok.eos_token_id
-            pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+            prompt, pad = self._paper_prompt(), tok.eos_token_id
         else:
             feats = self.features(scale)[[r["clip"] for r in rows]].float()
-            pad, start, eos = self._ids(scale)
-        ids = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in rows]
-        length = max(len(x) for x in ids) + 1
+            pad, start, _ = self._ids(scale)
+            prompt = [start]
+        bodies = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows]
+        length = len(prompt) - 1 + max(len(b) for b in bodies)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
         decoder_in = torch.full((len(rows), length), pad, dtype=torch.long)
-        for i, x in enumerate(ids):
-            labels[i, : len(x) + 1] = torch.tensor(x + [eos])
-            decoder_in[i, : len(x) + 1] = torch.tensor([start] + x)
+        for i, body in enumerate(bodies):
+            sequence = prompt + body
+            decoder_in[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+            labels[i, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(body)
         return {"input_features": feats, "decoder_input_ids": decoder_in, "labels": labels}
+
+    def _paper_prompt(self) -> list[int]:
+        tok = self.tokenizer("paper")
+        tok.set_prefix_tokens(language="hindi", task="transcribe", predict_timestamps=False)
+        return list(tok.prefix_tokens)
 
     def _paper_features(self, rows: list[dict]) -> torch.Tensor:
         from transformers import WhisperFeatureExtractor
 
         fe = WhisperFeatureExtractor.from_pretrained(self.real.model_id)
-        arrays = [r["audio"]["array"] for r in rows]
+        arrays = [
+            audio.resample(
+                np.asarray(r["audio"]["array"], np.float32), r["audio"]["sampling_rate"], audio.SAMPLE_RATE
+            )
+            for r in rows
+        ]
         return fe(arrays, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt")["input_features"]
 
     # ---- evaluation ---------------------------------------------------------------------------
     def transcribe(self, model, rows: list[dict], scale: str = "book", batch_size: int = 128) -> list[str]:
         """Greedy (KV-cached) transcripts of ``rows``."""
         tok = self.tokenizer(scale)
-        max_new = 448 if scale == "paper" else self.spec(scale).words[1] + 2
+        max_new = 440 if scale == "paper" else self.spec(scale).words[1] + 2
         device = next(model.parameters()).device
         hyps: list[str] = []
         for i in range(0, len(rows), batch_size):
             batch = self.collate(rows[i : i + batch_size], scale)
+            feats = batch["input_features"].to(device, next(model.parameters()).dtype)
+            prompt = None
+            if scale == "paper":
+                prompt = torch.tensor([self._paper_prompt()] * len(feats), device=device)
             tokens = greedy_decode(
                 model,
                 max_new,
-                input_features=batch["input_features"].to(device, next(model.parameters()).dtype),
+                input_features=feats,
                 eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                decoder_start_ids=prompt,
             )
             hyps.extend(
                 tok.batch_decode(trim_at_eos(tokens.cpu(), tok.eos_token_id), skip_special_tokens=True)
