@@ -236,7 +236,8 @@ class Task:
                 chunk = order[w : w + window]
                 if lengths[0] is not None:
                     chunk = sorted(chunk, key=lambda i: lengths[i])
-                batches = [chunk[s : s + batch_size] for s in range(0, len(chunk) - batch_size + 1, batch_size)]
+                starts = range(0, len(chunk) - batch_size + 1, batch_size)
+                batches = [chunk[s : s + batch_size] for s in starts]
                 for b in rng.permutation(len(batches)):
                     yield self.collate([rows[i] for i in batches[b]], scale)
 
