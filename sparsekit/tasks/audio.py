@@ -107,7 +107,15 @@ def synthesize_many(utts: Sequence[Utterance], workers: int = 4, progress: bool 
 
     require_espeak()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(synthesize, utts), total=len(utts), disable=not progress, desc="espeak-ng"))
+        return list(
+            tqdm(
+                pool.map(synthesize, utts),
+                total=len(utts),
+                disable=not progress,
+                desc="espeak-ng",
+                mininterval=1.0,
+            )
+        )
 
 
 def feature_extractor(seconds: float, n_mels: int):

@@ -107,7 +107,7 @@ SPECS = {
 
 MODEL_SIZES = {  # d_model, encoder layers, decoder layers, heads, ffn
     "smoke": (32, 1, 1, 2, 64),
-    "book": (128, 2, 2, 4, 512),
+    "book": (96, 2, 2, 4, 384),
 }
 
 TRAIN_CONFIGS = {
