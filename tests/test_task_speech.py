@@ -185,3 +185,16 @@ def test_cached_greedy_decoding_equals_full_recompute_on_whisper(task):
             ids = torch.cat([ids, nxt], 1)
     assert torch.equal(fast, ids[:, 1:])
     assert len(set(fast[0].tolist())) > 1  # the cache matters only if the path changes with the prefix
+
+
+def test_teacher_key_and_feature_cache_follow_the_data_spec(task, monkeypatch):
+    import dataclasses
+
+    from sparsekit.tasks import speech
+
+    key, data_key = task.teacher_key("smoke"), task.data_key("smoke")
+    assert SpeechTask().teacher_key("smoke") == key
+    changed = dataclasses.replace(SPECS["smoke"], pitch=(30, 70))
+    monkeypatch.setitem(speech.SPECS, "smoke", changed)
+    other = SpeechTask()
+    assert other.data_key("smoke") != data_key and other.teacher_key("smoke") != key
