@@ -31,8 +31,8 @@ def test_causal_mpt_equals_generate():
     config.pad_token_id, config.eos_token_id = 0, 1
     model = MptForCausalLM(config).eval()
     ids, mask = _prompts(left_pad=True)
-    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=15)
-    got = greedy_decode(model, 15, input_ids=ids, attention_mask=mask)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    got = greedy_decode(model, 10, input_ids=ids, attention_mask=mask)
     assert got.tolist() == expected[:, ids.shape[1] :].tolist()
 
 
@@ -42,8 +42,8 @@ def test_causal_with_positions_equals_generate():
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 1
     model = GPT2LMHeadModel(config).eval()
     ids, mask = _prompts(left_pad=True)
-    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=15)
-    got = greedy_decode(model, 15, input_ids=ids, attention_mask=mask)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    got = greedy_decode(model, 10, input_ids=ids, attention_mask=mask)
     assert got.tolist() == expected[:, ids.shape[1] :].tolist()
 
 
@@ -55,8 +55,8 @@ def test_seq2seq_t5_equals_generate():
     )
     model = T5ForConditionalGeneration(config).eval()
     ids, mask = _prompts(left_pad=False)
-    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=15)
-    got = greedy_decode(model, 15, input_ids=ids, attention_mask=mask)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    got = greedy_decode(model, 10, input_ids=ids, attention_mask=mask)
     assert got.tolist() == expected[:, 1:].tolist()
 
 

@@ -115,3 +115,14 @@ def test_student_like_is_an_independent_copy_in_train_mode(counting_math):
     with torch.no_grad():
         param.add_(1.0)
     assert not torch.equal(param, dict(teacher.named_parameters())[name])
+
+
+def test_train_batches_are_seeded_and_bucketed():
+    task = tasks.get("math")
+    first = next(task.train_batches(4, "smoke", seed=1))
+    again = next(task.train_batches(4, "smoke", seed=1))
+    other = next(task.train_batches(4, "smoke", seed=2))
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert not torch.equal(first["input_ids"][:, :8], other["input_ids"][:, :8])
+    with pytest.raises(ValueError, match="batch_size"):
+        next(task.train_batches(0, "smoke"))

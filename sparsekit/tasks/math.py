@@ -31,6 +31,7 @@ SIZES = {
     "smoke": {"train": 1000, "validation": 30, "test": 30, "calibration": 32, "heldout": 20},
     "book": {"train": 30000, "validation": 300, "test": 300, "calibration": 512, "heldout": 200},
 }
+MAX_NEW_TOKENS = {"smoke": 32, "book": 96, "paper": 512}  # book answers are <= 60 tokens
 _FINAL = re.compile(r"####\s*(-?[\d,]*\d)")
 
 
@@ -246,7 +247,7 @@ class MathTask(Task):
     def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
         """``{"accuracy", "answered", "n"}``: exact match of the final number; share with a ``####``."""
         rows = self.rows(split, scale)[:limit]
-        texts = self.solve(model, [r["question"] for r in rows], scale)
+        texts = self.solve(model, [r["question"] for r in rows], scale, max_new_tokens=MAX_NEW_TOKENS[scale])
         predicted = [final_number(t) for t in texts]
         return {
             "accuracy": accuracy(predicted, [r["answer"] for r in rows]),

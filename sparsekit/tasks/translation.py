@@ -159,7 +159,7 @@ class TranslationTask(Task):
         check_scale(scale)
         if scale == "smoke":
             return TrainConfig(steps=12, batch_size=16, lr=3e-3, warmup=3, log_every=3)
-        return TrainConfig(steps=2000, batch_size=64, lr=2.5e-3, warmup=100, log_every=25)
+        return TrainConfig(steps=3000, batch_size=64, lr=2.5e-3, warmup=100, log_every=25)
 
     # ---- batches ------------------------------------------------------------------------------
     def row_length(self, row: dict) -> int:
