@@ -217,6 +217,8 @@ class MathTask(Task):
     ) -> list[str]:
         """Greedy chain-of-thought answers (text after the prompt) for ``questions``."""
         tok = self.tokenizer(scale)
+        if tok.pad_token is None:  # hub causal tokenizers (MPT's GPT-NeoX) have no pad token
+            tok.pad_token = tok.eos_token
         side = tok.padding_side
         tok.padding_side = "left"
         out = []
