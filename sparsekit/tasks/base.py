@@ -182,7 +182,9 @@ class Task:
 
         check_scale(scale)
         if scale == "paper":
-            return self.real.load_tokenizer()
+            if "paper" not in self._tokenizers:
+                self._tokenizers["paper"] = self.real.load_tokenizer()
+            return self._tokenizers["paper"]
         if scale not in self._tokenizers:
             path = cache.data_dir(self.name, scale, self.data_version) / "tokenizer"
             if (path / "tokenizer.json").exists():

@@ -158,6 +158,12 @@ class MathTask(Task):
             tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>", padding_side="left"
         )
 
+    def tokenizer(self, scale: str = "book"):
+        tok = super().tokenizer(scale)
+        if tok.pad_token is None:  # hub causal tokenizers (MPT's GPT-NeoX) have no pad token
+            tok.pad_token = tok.eos_token
+        return tok
+
     # ---- model --------------------------------------------------------------------------------
     def model_config(self, scale: str = "book"):
         from transformers import MptConfig
@@ -217,8 +223,6 @@ class MathTask(Task):
     ) -> list[str]:
         """Greedy chain-of-thought answers (text after the prompt) for ``questions``."""
         tok = self.tokenizer(scale)
-        if tok.pad_token is None:  # hub causal tokenizers (MPT's GPT-NeoX) have no pad token
-            tok.pad_token = tok.eos_token
         side = tok.padding_side
         tok.padding_side = "left"
         out = []
