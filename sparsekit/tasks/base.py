@@ -1,0 +1,324 @@
+"""The common protocol of the embedded tasks.
+
+A task owns its data (four seeded, disjoint splits: train / validation / test / calibration, plus
+optional extra report splits), a tokenizer trained here, a tiny model config per scale, a teacher
+trained by the shared loop (:mod:`sparsekit.tasks.training`) and cached on disk
+(:mod:`sparsekit.tasks.cache`), its evaluation in the paper's metric, and the trivial baseline in that
+metric. ``real`` holds the paper's version of the task (Hugging Face model and data set ids plus the
+loading code); it needs internet and a GPU, and is used at ``scale="paper"``.
+
+Scales: ``smoke`` (seconds, for tests), ``book`` (the published numbers, <= 10 min per teacher on a
+2-core CPU), ``paper`` (the real model and data set).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsekit.tasks import cache
+from sparsekit.tasks.training import seed_everything, train
+
+__all__ = ["Task", "TrainConfig", "RealPath", "SCALES", "SPLITS", "check_scale", "to_device"]
+
+SCALES = ("smoke", "book", "paper")
+SPLITS = ("train", "validation", "test", "calibration")
+PAPER_NOTE = "scale='paper' downloads from the Hugging Face hub: it needs internet and, in practice, a GPU"
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return scale
+
+
+def to_device(batch: dict, model: torch.nn.Module) -> dict:
+    """Move every tensor of ``batch`` to the device of ``model``'s parameters."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a teacher's training run (all of them enter the cache key)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.01
+    final_lr_ratio: float = 0.0
+    clip_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 25
+    eval_every: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RealPath:
+    """The paper's version of a task: hub ids and the loading code (needs internet; a GPU in practice).
+
+    ``splits`` maps our split names to the hub data set's split expressions; ``row_fn`` turns a hub row
+    into this task's row format. ``load_model``/``load_tokenizer`` take a hub id *or* a local path, so
+    the same code loads a model saved with ``save_pretrained`` (this is how it is tested offline).
+    """
+
+    model_id: str
+    dataset_id: str
+    dataset_config: str | None
+    splits: dict[str, str]
+    model_class: str
+    tokenizer_class: str = "AutoTokenizer"
+    row_fn: Callable[[dict], dict] | None = None
+    note: str = PAPER_NOTE
+
+    def load_model(self, path_or_id: str | None = None, **kwargs):
+        import transformers
+
+        cls = getattr(transformers, self.model_class)
+        return cls.from_pretrained(path_or_id or self.model_id, **kwargs)
+
+    def load_tokenizer(self, path_or_id: str | None = None, **kwargs):
+        import transformers
+
+        cls = getattr(transformers, self.tokenizer_class)
+        return cls.from_pretrained(path_or_id or self.model_id, **kwargs)
+
+    def load_data(self, split: str, **kwargs):
+        import datasets
+
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {sorted(self.splits)}, got {split!r}")
+        ds = datasets.load_dataset(self.dataset_id, self.dataset_config, split=self.splits[split], **kwargs)
+        return ds.map(self.row_fn, remove_columns=ds.column_names) if self.row_fn else ds
+
+
+class Task:
+    """Base class: subclasses set the class attributes and implement the ``_``-prefixed builders,
+    :meth:`model_config`, :meth:`collate`, :meth:`train_config`, :meth:`evaluate`, :meth:`baseline`
+    and :meth:`examples`."""
+
+    name: str = ""
+    metric: str = ""  # headline key of evaluate(): "bleu" | "wer" | "accuracy"
+    kind: str = ""  # "seq2seq" | "speech" | "causal"
+    higher_is_better: bool = True
+    data_version: str = "1"
+    extra_splits: tuple[str, ...] = ()  # additional report splits (e.g. out-of-grammar test)
+    real: RealPath
+
+    def __init__(self) -> None:
+        self._rows_cache: dict[str, dict[str, list[dict]]] = {}
+        self._datasets: dict[tuple[str, str], object] = {}
+        self._tokenizers: dict[str, object] = {}
+
+    # ---- to implement -------------------------------------------------------------------------
+    def _build_splits(self, scale: str) -> dict[str, list[dict]]:
+        """Rows of every split (seeded, deterministic, disjoint)."""
+        raise NotImplementedError
+
+    def _train_tokenizer(self, scale: str):
+        """A ``PreTrainedTokenizerFast`` trained on the train split."""
+        raise NotImplementedError
+
+    def model_config(self, scale: str = "book"):
+        raise NotImplementedError
+
+    def collate(self, rows: list[dict], scale: str = "book") -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_config(self, scale: str = "book") -> TrainConfig:
+        raise NotImplementedError
+
+    def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
+        raise NotImplementedError
+
+    def baseline(self, split: str = "test", scale: str = "book") -> dict:
+        raise NotImplementedError
+
+    def examples(self, k: int = 3, split: str = "test", scale: str = "book") -> list[dict]:
+        raise NotImplementedError
+
+    # ---- data ---------------------------------------------------------------------------------
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS + self.extra_splits
+
+    def rows(self, split: str, scale: str = "book") -> list[dict]:
+        """The rows of ``split`` as a list of dicts (the same content as :meth:`data`)."""
+        check_scale(scale)
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {self.splits}, got {split!r}")
+        if scale == "paper":
+            return list(self.data(split, scale))
+        if scale not in self._rows_cache:
+            self._rows_cache[scale] = self._build_splits(scale)
+        return self._rows_cache[scale][split]
+
+    def data(self, split: str, scale: str = "book"):
+        """``split`` as a ``datasets.Dataset``. At ``scale="paper"`` the hub data set (internet)."""
+        import datasets
+
+        check_scale(scale)
+        if scale == "paper":
+            return self.real.load_data(split)
+        key = (split, scale)
+        if key not in self._datasets:
+            self._datasets[key] = datasets.Dataset.from_list(self.rows(split, scale))
+        return self._datasets[key]
+
+    # ---- tokenizer ----------------------------------------------------------------------------
+    def tokenizer(self, scale: str = "book"):
+        """The tokenizer trained here on the train split (cached on disk), or the hub's at paper scale."""
+        from transformers import PreTrainedTokenizerFast
+
+        check_scale(scale)
+        if scale == "paper":
+            if "paper" not in self._tokenizers:
+                self._tokenizers["paper"] = self.real.load_tokenizer()
+            return self._tokenizers["paper"]
+        if scale not in self._tokenizers:
+            path = cache.data_dir(self.name, scale, self.data_version) / "tokenizer"
+            if (path / "tokenizer.json").exists():
+                tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            else:
+                tok = self._train_tokenizer(scale)
+                tok.save_pretrained(str(path))
+            self._tokenizers[scale] = tok
+        return self._tokenizers[scale]
+
+    # ---- models -------------------------------------------------------------------------------
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.real.model_class)
+
+    def new_model(self, scale: str = "book"):
+        """A randomly initialised model of :meth:`model_config` (seeded by the training seed)."""
+        check_scale(scale)
+        seed_everything(self.train_config(scale).seed)
+        return self.model_class()(self.model_config(scale))
+
+    def student_like(self, model):
+        """A deep copy of ``model`` in train mode (same config, same weights)."""
+        student = copy.deepcopy(model)
+        student.train()
+        return student
+
+    # ---- batches ------------------------------------------------------------------------------
+    def row_length(self, row: dict) -> int | None:
+        """Length of a row in tokens (roughly) for length-bucketed batches; ``None``: no bucketing."""
+        return None
+
+    def train_batches(self, batch_size: int, scale: str = "book", seed: int = 0) -> Iterator[dict]:
+        """Endless iterator of collated training batches; each epoch a fresh permutation from ``seed``.
+
+        If :meth:`row_length` is defined, each window of ``64 · batch_size`` shuffled rows is sorted by
+        length and cut into batches whose order is shuffled again (less padding, same distribution).
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        rows = self.rows("train", scale)
+        if len(rows) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} training rows")
+        lengths = [self.row_length(r) for r in rows]
+        rng = np.random.default_rng(seed)
+        window = 64 * batch_size
+        while True:
+            order = rng.permutation(len(rows))
+            for w in range(0, len(order) - batch_size + 1, window):
+                chunk = order[w : w + window]
+                if lengths[0] is not None:
+                    chunk = sorted(chunk, key=lambda i: lengths[i])
+                starts = range(0, len(chunk) - batch_size + 1, batch_size)
+                batches = [chunk[s : s + batch_size] for s in starts]
+                for b in rng.permutation(len(batches)):
+                    yield self.collate([rows[i] for i in batches[b]], scale)
+
+    def calibration_batches(self, n: int = 128, batch_size: int = 16, scale: str = "book") -> list[dict]:
+        """The first ``n`` calibration rows collated in batches (labels included; harmless for pruning)."""
+        rows = self.rows("calibration", scale)
+        if not isinstance(n, int) or not 1 <= n <= len(rows):
+            raise ValueError(f"n must be an int in [1, {len(rows)}] (calibration rows), got {n!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return [self.collate(rows[i : min(n, i + batch_size)], scale) for i in range(0, n, batch_size)]
+
+    # ---- teacher ------------------------------------------------------------------------------
+    def teacher_key(self, scale: str = "book") -> str:
+        return cache.cache_key(
+            self.name,
+            scale,
+            self.model_config(scale).to_dict(),
+            self.train_config(scale).to_dict(),
+            self.data_version,
+        )
+
+    def teacher_path(self, scale: str = "book"):
+        return cache.teacher_dir(self.name, scale, self.teacher_key(scale))
+
+    def teacher(self, scale: str = "book", progress: bool = True):
+        """The dense teacher: loaded from the cache, or trained from scratch and cached (eval mode).
+
+        At ``scale="paper"`` the paper's hub model (internet; a GPU in practice).
+        """
+        check_scale(scale)
+        if scale == "paper":
+            return self.real.load_model().eval()
+        path = self.teacher_path(scale)
+        if (path / "meta.json").exists() and (path / "model.safetensors").exists():
+            return self.model_class().from_pretrained(str(path), use_safetensors=True).eval()
+        model = self.new_model(scale)
+        config = self.train_config(scale)
+        batches = self.train_batches(config.batch_size, scale, seed=config.seed)
+        start = time.perf_counter()
+        curve = train(model, batches, config, progress=progress, callback=self._train_callback(scale))
+        wall = time.perf_counter() - start
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer(scale).save_pretrained(str(path / "tokenizer"))
+        cache.write_json(path / "curve.json", curve)
+        meta = {
+            "task": self.name,
+            "scale": scale,
+            "key": self.teacher_key(scale),
+            "data_version": self.data_version,
+            "train_config": config.to_dict(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "wall_s": wall,
+            "sec_per_step": wall / config.steps,
+            "torch_threads": torch.get_num_threads(),
+        }
+        cache.write_json(path / "meta.json", meta)  # written last: its presence marks a complete entry
+        return model.eval()
+
+    def _train_callback(self, scale: str):
+        """Optional ``callback(step, model) -> dict`` for the training curve (e.g. validation metric)."""
+        return None
+
+    def training_log(self, scale: str = "book") -> dict:
+        """``{"curve": [...], "meta": {...}}`` of the cached teacher (trains it if needed)."""
+        path = self.teacher_path(scale)
+        if not (path / "meta.json").exists():
+            self.teacher(scale)
+        return {"curve": cache.read_json(path / "curve.json"), "meta": cache.read_json(path / "meta.json")}
+
+    def describe(self, scale: str = "book") -> dict:
+        """Sizes for tables: rows per split, vocabulary size, parameters of the model config."""
+        model = self.new_model(scale)
+        return {
+            "task": self.name,
+            "metric": self.metric,
+            **{f"{s}_rows": len(self.rows(s, scale)) for s in self.splits},
+            "vocab": len(self.tokenizer(scale)),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "model": type(model).__name__,
+        }

@@ -1,0 +1,475 @@
+"""Speech recognition: Hindi number words synthesised with espeak-ng, a tiny Whisper, WER.
+
+The paper fine-tunes Whisper-small on Common Voice Hindi. Here, offline on a CPU, each utterance is
+``k`` Hindi number words (Devanagari transcript, e.g. ``"सत्तानवे चार"``) spoken by espeak-ng's Hindi
+voice with one of its ~90 voice variants at a random speed and pitch, resampled to 16 kHz, and turned
+into Whisper log-mel features over a short window (``seconds``, so ``max_source_positions =
+100·seconds/2``). Train, validation and test use *disjoint voice variants*, so the test set measures
+recognition of voices never heard in training. The calibration split is further clips of the training
+voices.
+
+Metric: word error rate ``WER = (S + D + I) / N`` over the reference words (jiwer), and the character
+error rate (CER) alike over characters. Baseline: always predicting the training set's most common
+transcript.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsekit.tasks import audio, cache
+from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale
+from sparsekit.tasks.decoding import greedy_decode, trim_at_eos
+
+__all__ = ["SpeechTask", "SpeechSpec", "HINDI_NUMBERS", "VOICE_VARIANTS", "voice_split", "wer", "cer"]
+
+# 0 .. 99 in Hindi (Devanagari); index = value.
+HINDI_NUMBERS = tuple(
+    """
+    शून्य एक दो तीन चार पाँच छह सात आठ नौ
+    दस ग्यारह बारह तेरह चौदह पंद्रह सोलह सत्रह अठारह उन्नीस
+    बीस इक्कीस बाईस तेईस चौबीस पच्चीस छब्बीस सत्ताईस अट्ठाईस उनतीस
+    तीस इकतीस बत्तीस तैंतीस चौंतीस पैंतीस छत्तीस सैंतीस अड़तीस उनतालीस
+    चालीस इकतालीस बयालीस तैंतालीस चवालीस पैंतालीस छियालीस सैंतालीस अड़तालीस उनचास
+    पचास इक्यावन बावन तिरपन चौवन पचपन छप्पन सत्तावन अट्ठावन उनसठ
+    साठ इकसठ बासठ तिरसठ चौंसठ पैंसठ छियासठ सड़सठ अड़सठ उनहत्तर
+    सत्तर इकहत्तर बहत्तर तिहत्तर चौहत्तर पचहत्तर छिहत्तर सतहत्तर अठहत्तर उन्यासी
+    अस्सी इक्यासी बयासी तिरासी चौरासी पचासी छियासी सत्तासी अट्ठासी नवासी
+    नब्बे इक्यानवे बानवे तिरानवे चौरानवे पचानवे छियानवे सत्तानवे अट्ठानवे निन्यानवे
+    """.split()
+)
+
+# espeak-ng voice variants (`-v hi+<variant>`), fixed here so the splits do not depend on the install;
+# the whispering variants are left out (no voicing, a different task).
+VOICE_VARIANTS = tuple(
+    """
+    Alex Alicia Andrea Andy Annie AnxiousAndy Demonic Denis Diogo Gene Gene2 Henrique Hugo Jacky Lee
+    Marco Mario Michael Mike Nguyen RicishayMax RicishayMax2 RicishayMax3 Storm Tweaky UniRobot adam
+    anika anikaRobot announcer antonio aunty belinda benjamin boris caleb croak david ed edward edward2
+    f1 f2 f3 f4 f5 fast grandma grandpa gustave iven iven2 iven3 iven4 john kaukovalta klatt klatt2
+    klatt3 klatt4 klatt5 klatt6 linda m1 m2 m3 m4 m5 m6 m7 m8 marcelo max michel miguel norbert pablo
+    paul pedro quincy rob robert robosoft robosoft2 robosoft3 robosoft4 robosoft5 robosoft6 robosoft7
+    robosoft8 sandro shelby steph steph2 steph3 travis victor zac
+    """.split()
+)
+
+PAD, START, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+@dataclass(frozen=True)
+class SpeechSpec:
+    """Everything that defines the synthetic data of one scale (it enters the feature cache key)."""
+
+    numbers: int  # vocabulary: the Hindi words for 0 .. numbers-1
+    words: tuple[int, int]  # words per utterance, inclusive range
+    seconds: float  # feature window; clips are padded/cut to it
+    n_mels: int
+    clips: dict  # split -> number of clips
+    held_out: dict  # split -> number of voice variants reserved for it (validation, test)
+    speed: tuple[int, int] = (130, 210)  # words per minute, inclusive
+    pitch: tuple[int, int] = (25, 75)
+    snr: tuple[float, float] | None = None  # dB range of added white noise; None = clean
+    seed: int = 0
+
+    @property
+    def frames(self) -> int:
+        return int(round(self.seconds * audio.SAMPLE_RATE)) // audio.HOP
+
+
+SPECS = {
+    "smoke": SpeechSpec(
+        numbers=10,
+        words=(1, 1),
+        seconds=1.0,
+        n_mels=80,
+        clips={"train": 48, "validation": 8, "test": 16, "calibration": 8},
+        held_out={"validation": 4, "test": 4},
+    ),
+    "book": SpeechSpec(
+        numbers=100,
+        words=(1, 1),
+        seconds=1.2,
+        n_mels=80,
+        clips={"train": 6000, "validation": 200, "test": 300, "calibration": 128},
+        held_out={"validation": 8, "test": 12},
+    ),
+}
+
+MODEL_SIZES = {  # d_model, encoder layers, decoder layers, heads, ffn
+    "smoke": (32, 1, 1, 2, 64),
+    "book": (96, 2, 2, 4, 384),
+}
+
+TRAIN_CONFIGS = {
+    "smoke": TrainConfig(
+        steps=6, batch_size=8, lr=3e-3, warmup=2, weight_decay=0.0, log_every=2, eval_every=0
+    ),
+    "book": TrainConfig(
+        steps=1500, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.0, log_every=50, eval_every=500
+    ),
+}
+
+
+def voice_split(spec: SpeechSpec) -> dict[str, tuple[str, ...]]:
+    """Disjoint voice variants per split (seeded): held-out validation and test voices, the rest train.
+
+    The calibration split speaks with the training voices.
+    """
+    order = np.random.default_rng(spec.seed).permutation(len(VOICE_VARIANTS))
+    variants = [VOICE_VARIANTS[i] for i in order]
+    n_val, n_test = spec.held_out["validation"], spec.held_out["test"]
+    if n_val + n_test >= len(variants):
+        raise ValueError(f"held_out={spec.held_out} leaves no training voices of {len(variants)}")
+    split = {
+        "test": tuple(variants[:n_test]),
+        "validation": tuple(variants[n_test : n_test + n_val]),
+        "train": tuple(variants[n_test + n_val :]),
+    }
+    split["calibration"] = split["train"]
+    return split
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    """Word error rate ``(S + D + I) / N`` (jiwer), over all reference words."""
+    import jiwer
+
+    return float(jiwer.wer(list(references), list(hypotheses)))
+
+
+def cer(references: list[str], hypotheses: list[str]) -> float:
+    """Character error rate (jiwer): the WER formula over characters."""
+    import jiwer
+
+    return float(jiwer.cer(list(references), list(hypotheses)))
+
+
+def _make_rows(spec: SpeechSpec) -> dict[str, list[dict]]:
+    voices = voice_split(spec)
+    rows: dict[str, list[dict]] = {}
+    clip = 0
+    for index, split in enumerate(("train", "validation", "test", "calibration")):
+        rng = np.random.default_rng([spec.seed, index])
+        rows[split] = []
+        for _ in range(spec.clips[split]):
+            k = int(rng.integers(spec.words[0], spec.words[1] + 1))
+            words = [HINDI_NUMBERS[i] for i in rng.integers(0, spec.numbers, size=k)]
+            snr = None if spec.snr is None else round(float(rng.uniform(*spec.snr)), 2)
+            rows[split].append(
+                {
+                    "clip": clip,
+                    "text": " ".join(words),
+                    "variant": voices[split][int(rng.integers(len(voices[split])))],
+                    "speed": int(rng.integers(spec.speed[0], spec.speed[1] + 1)),
+                    "pitch": int(rng.integers(spec.pitch[0], spec.pitch[1] + 1)),
+                    "snr": snr,
+                }
+            )
+            clip += 1
+    return rows
+
+
+def utterance(row: dict) -> audio.Utterance:
+    return audio.Utterance(row["text"], row["variant"], row["speed"], row["pitch"], row["snr"], row["clip"])
+
+
+def whisper_config(spec: SpeechSpec, vocab_size: int, sizes: tuple[int, int, int, int, int], pad, start, eos):
+    """A tiny ``WhisperConfig`` for ``spec``'s window.
+
+    Dropout 0 (dropout made pruning harmless at this scale). Weights start at ``N(0, 1/d)`` instead of
+    Whisper's ``N(0, 0.02²)`` (tuned for d >= 384): at d = 96 the small init leaves the trained weights
+    almost noise-free and magnitude pruning nearly harmless.
+    """
+    from transformers import WhisperConfig
+
+    d, enc, dec, heads, ffn = sizes
+    return WhisperConfig(
+        vocab_size=vocab_size,
+        num_mel_bins=spec.n_mels,
+        d_model=d,
+        encoder_layers=enc,
+        decoder_layers=dec,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        max_source_positions=spec.frames // 2,  # conv2 has stride 2
+        max_target_positions=spec.words[1] + 4,
+        pad_token_id=pad,
+        bos_token_id=start,
+        eos_token_id=eos,
+        decoder_start_token_id=start,
+        init_std=d**-0.5,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_decoder_ids=None,
+    )
+
+
+def _common_voice_row(row: dict) -> dict:
+    return {"text": row["sentence"], "audio": row["audio"]}
+
+
+class SpeechTask(Task):
+    name = "speech"
+    metric = "wer"
+    kind = "speech"
+    higher_is_better = False
+    data_version = "1"
+    real = RealPath(
+        model_id="openai/whisper-small",
+        dataset_id="mozilla-foundation/common_voice_11_0",
+        dataset_config="hi",
+        splits={"train": "train", "validation": "validation", "test": "test", "calibration": "train[:128]"},
+        model_class="WhisperForConditionalGeneration",
+        tokenizer_class="WhisperTokenizer",
+        row_fn=_common_voice_row,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._features: dict[str, torch.Tensor] = {}
+
+    def spec(self, scale: str = "book") -> SpeechSpec:
+        check_scale(scale)
+        if scale not in SPECS:
+            raise ValueError(f"scale must be one of {tuple(SPECS)} for synthetic speech, got {scale!r}")
+        return SPECS[scale]
+
+    # ---- data -------------------------------------------------------------------------------
+    def _build_splits(self, scale: str) -> dict[str, list[dict]]:
+        return _make_rows(self.spec(scale))
+
+    def data_key(self, scale: str = "book") -> str:
+        """Hash of the spec and every row of ``scale``: names the feature cache, enters the teacher key."""
+        rows = {split: self.rows(split, scale) for split in self.splits}
+        material = json.dumps({"spec": asdict(self.spec(scale)), "rows": rows}, sort_keys=True)
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+    def teacher_key(self, scale: str = "book") -> str:
+        """The common key (task, scale, model and training config, data version) plus :meth:`data_key`."""
+        return cache.cache_key(
+            self.name,
+            scale,
+            self.model_config(scale).to_dict(),
+            self.train_config(scale).to_dict(),
+            f"{self.data_version}-{self.data_key(scale)}",
+        )
+
+    def features(self, scale: str = "book") -> torch.Tensor:
+        """Log-mel features of every clip of ``scale`` ``[clips, n_mels, frames]`` (float16), indexed by
+        ``row["clip"]``; synthesised once and cached as safetensors under ``$SPARSEKIT_CACHE``."""
+        if scale not in self._features:
+            spec = self.spec(scale)
+            path = (
+                cache.data_dir(self.name, scale, self.data_version)
+                / f"features-{self.data_key(scale)}.safetensors"
+            )
+            self._features[scale] = self._load_or_synthesize(spec, scale, path)
+        return self._features[scale]
+
+    def _load_or_synthesize(self, spec: SpeechSpec, scale: str, path: Path) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+        from tqdm.auto import tqdm
+
+        if path.exists():
+            return load_file(str(path))["input_features"]
+        rows = sorted(
+            (r for s in ("train", "validation", "test", "calibration") for r in self.rows(s, scale)),
+            key=lambda r: r["clip"],
+        )
+        clips = audio.synthesize_many([utterance(r) for r in rows])
+        chunks = [
+            torch.from_numpy(audio.log_mel(clips[i : i + 500], spec.seconds, spec.n_mels)).half()
+            for i in tqdm(range(0, len(clips), 500), desc="log-mel")
+        ]
+        feats = torch.cat(chunks).contiguous()
+        tmp = path.with_suffix(".tmp")
+        save_file({"input_features": feats}, str(tmp))
+        tmp.replace(path)
+        return feats
+
+    # ---- tokenizer ----------------------------------------------------------------------------
+    def tokenizer(self, scale: str = "book"):
+        """The word-level tokenizer of ``scale``, cached on disk under the :meth:`data_key` (so a change of
+        the data spec retrains it); the hub's Whisper tokenizer at ``scale="paper"``."""
+        from transformers import PreTrainedTokenizerFast
+
+        check_scale(scale)
+        if scale == "paper":
+            return super().tokenizer(scale)
+        if scale not in self._tokenizers:
+            path = cache.data_dir(self.name, scale, self.data_version) / f"tokenizer-{self.data_key(scale)}"
+            if (path / "tokenizer.json").exists():
+                tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            else:
+                tok = self._train_tokenizer(scale)
+                tok.save_pretrained(str(path))
+            self._tokenizers[scale] = tok
+        return self._tokenizers[scale]
+
+    def _train_tokenizer(self, scale: str):
+        """Word-level tokenizer over the training transcripts (whitespace-separated Devanagari words)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+        trainer = trainers.WordLevelTrainer(special_tokens=[PAD, START, EOS, UNK], min_frequency=1)
+        tok.train_from_iterator((r["text"] for r in self.rows("train", scale)), trainer=trainer)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token=PAD, bos_token=START, eos_token=EOS, unk_token=UNK
+        )
+
+    def _ids(self, scale: str) -> tuple[int, int, int]:
+        tok = self.tokenizer(scale)
+        return tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+
+    # ---- model --------------------------------------------------------------------------------
+    def model_config(self, scale: str = "book"):
+        check_scale(scale)
+        if scale == "paper":
+            from transformers import WhisperConfig
+
+            return WhisperConfig.from_pretrained(self.real.model_id)
+        pad, start, eos = self._ids(scale)
+        return whisper_config(
+            self.spec(scale), len(self.tokenizer(scale)), MODEL_SIZES[scale], pad, start, eos
+        )
+
+    def train_config(self, scale: str = "book") -> TrainConfig:
+        check_scale(scale)
+        if scale not in TRAIN_CONFIGS:
+            raise ValueError(f"no teacher training at scale {scale!r}: the paper's model is already trained")
+        return TRAIN_CONFIGS[scale]
+
+    # ---- batches ------------------------------------------------------------------------------
+    def collate(self, rows: list[dict], scale: str = "book") -> dict[str, torch.Tensor]:
+        """``input_features`` ``[B, n_mels, frames]``; ``decoder_input_ids`` = ``<s> w1 .. wk`` and
+        ``labels`` = ``w1 .. wk </s>`` ``[B, T]`` (padding: pad id / ``-100``).
+
+        At ``scale="paper"`` the decoder prompt is Whisper's ``<|startoftranscript|><|hi|><|transcribe|>
+        <|notimestamps|>`` (no loss on it) and the audio is resampled to 16 kHz for its 30 s front end.
+        """
+        check_scale(scale)
+        if not rows:
+            raise ValueError("rows must be a non-empty list of speech rows")
+        tok = self.tokenizer(scale)
+        if scale == "paper":
+            feats = self._paper_features(rows)
+            prompt, pad = self._paper_prompt(), tok.eos_token_id
+        else:
+            feats = self.features(scale)[[r["clip"] for r in rows]].float()
+            pad, start, _ = self._ids(scale)
+            prompt = [start]
+        bodies = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows]
+        length = len(prompt) - 1 + max(len(b) for b in bodies)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        decoder_in = torch.full((len(rows), length), pad, dtype=torch.long)
+        for i, body in enumerate(bodies):
+            sequence = prompt + body
+            decoder_in[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+            labels[i, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(body)
+        return {"input_features": feats, "decoder_input_ids": decoder_in, "labels": labels}
+
+    def _paper_prompt(self) -> list[int]:
+        tok = self.tokenizer("paper")
+        tok.set_prefix_tokens(language="hindi", task="transcribe", predict_timestamps=False)
+        return list(tok.prefix_tokens)
+
+    def _paper_features(self, rows: list[dict]) -> torch.Tensor:
+        from transformers import WhisperFeatureExtractor
+
+        fe = WhisperFeatureExtractor.from_pretrained(self.real.model_id)
+        arrays = [
+            audio.resample(
+                np.asarray(r["audio"]["array"], np.float32), r["audio"]["sampling_rate"], audio.SAMPLE_RATE
+            )
+            for r in rows
+        ]
+        return fe(arrays, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt")["input_features"]
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def transcribe(self, model, rows: list[dict], scale: str = "book", batch_size: int = 128) -> list[str]:
+        """Greedy (KV-cached) transcripts of ``rows``."""
+        tok = self.tokenizer(scale)
+        max_new = 440 if scale == "paper" else self.spec(scale).words[1] + 2
+        device = next(model.parameters()).device
+        hyps: list[str] = []
+        for i in range(0, len(rows), batch_size):
+            batch = self.collate(rows[i : i + batch_size], scale)
+            feats = batch["input_features"].to(device, next(model.parameters()).dtype)
+            prompt = None
+            if scale == "paper":
+                prompt = torch.tensor([self._paper_prompt()] * len(feats), device=device)
+            tokens = greedy_decode(
+                model,
+                max_new,
+                input_features=feats,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                decoder_start_ids=prompt,
+            )
+            hyps.extend(
+                tok.batch_decode(trim_at_eos(tokens.cpu(), tok.eos_token_id), skip_special_tokens=True)
+            )
+        return [h.strip() for h in hyps]
+
+    def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
+        """``{"wer", "cer", "n"}`` of greedy transcripts of ``split`` (first ``limit`` rows if given)."""
+        rows = self.rows(split, scale)
+        if limit is not None:
+            if not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+            rows = rows[:limit]
+        refs = [r["text"] for r in rows]
+        hyps = self.transcribe(model, rows, scale)
+        return {"wer": wer(refs, hyps), "cer": cer(refs, hyps), "n": len(rows)}
+
+    def most_common_transcript(self, scale: str = "book") -> str:
+        from collections import Counter
+
+        counts = Counter(r["text"] for r in self.rows("train", scale))
+        return min(counts, key=lambda t: (-counts[t], t))  # ties broken alphabetically: deterministic
+
+    def baseline(self, split: str = "test", scale: str = "book") -> dict:
+        """WER/CER of always answering the training set's most common transcript."""
+        guess = self.most_common_transcript(scale)
+        refs = [r["text"] for r in self.rows(split, scale)]
+        return {
+            "wer": wer(refs, [guess] * len(refs)),
+            "cer": cer(refs, [guess] * len(refs)),
+            "n": len(refs),
+            "prediction": guess,
+        }
+
+    def _train_callback(self, scale: str):
+        def validation_wer(step: int, model) -> dict:
+            return {"validation_wer": self.evaluate(model, "validation", scale=scale)["wer"]}
+
+        return validation_wer
+
+    def examples(self, k: int = 3, split: str = "test", scale: str = "book") -> list[dict]:
+        """The first ``k`` rows of ``split`` with 16 kHz ``audio`` and ``log_mel`` ``[n_mels, frames]``."""
+        rows = self.rows(split, scale)[:k]
+        feats = self.features(scale)
+        spec = self.spec(scale)
+        return [
+            {
+                **r,
+                "audio": audio.synthesize(utterance(r)),
+                "sample_rate": audio.SAMPLE_RATE,
+                "log_mel": feats[r["clip"]].float().numpy(),
+                "seconds": spec.seconds,
+            }
+            for r in rows
+        ]

@@ -1,0 +1,128 @@
+"""The common task protocol: registry, cache keys, shared training loop."""
+
+import pytest
+import torch
+
+from sparsekit import tasks
+from sparsekit.tasks import cache
+from sparsekit.tasks.training import lr_at
+
+
+def test_names_lists_the_three_tasks():
+    assert set(tasks.names()) == {"translation", "speech", "math"}
+
+
+def test_get_unknown_name_lists_allowed():
+    with pytest.raises(ValueError, match="translation"):
+        tasks.get("vision")
+
+
+def test_get_non_string():
+    with pytest.raises(TypeError, match="name"):
+        tasks.get(3)
+
+
+def test_cache_dir_follows_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CACHE", str(tmp_path / "c"))
+    assert cache.cache_dir() == tmp_path / "c"
+    assert (tmp_path / "c").is_dir()
+
+
+def test_cache_key_changes_with_every_component():
+    base = dict(task="t", scale="smoke", model_config={"d": 1}, train_config={"lr": 1.0}, data_version="1")
+    key = cache.cache_key(**base)
+    assert key == cache.cache_key(**base)
+    for field, value in [
+        ("task", "u"),
+        ("scale", "book"),
+        ("model_config", {"d": 2}),
+        ("train_config", {"lr": 2.0}),
+        ("data_version", "2"),
+    ]:
+        assert cache.cache_key(**{**base, field: value}) != key
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    assert lr_at(0, 1.0, warmup=4, steps=14) == pytest.approx(0.25)
+    assert lr_at(3, 1.0, warmup=4, steps=14) == pytest.approx(1.0)
+    assert lr_at(9, 1.0, warmup=4, steps=14) == pytest.approx(0.5)
+    assert lr_at(14, 1.0, warmup=4, steps=14) == pytest.approx(0.0)
+
+
+# ---- teacher cache (math task at smoke scale, 2 training steps) ---------------------------------
+from dataclasses import replace  # noqa: E402
+
+import sparsekit.tasks.base as base  # noqa: E402
+from sparsekit.tasks.base import TrainConfig  # noqa: E402
+
+
+@pytest.fixture()
+def counting_math(tmp_path, monkeypatch):
+    """The math task with a 2-step training config, a tmp cache, and a counter of training runs."""
+    monkeypatch.setenv("SPARSEKIT_CACHE", str(tmp_path))
+    task = tasks.get("math")
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, log_every=1)
+    monkeypatch.setattr(task, "train_config", lambda scale="book": config)
+    runs = []
+    real_train = base.train
+
+    def counting_train(*args, **kwargs):
+        runs.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(base, "train", counting_train)
+    task._tokenizers.pop("smoke", None)  # the tokenizer cache lives under the tmp cache dir too
+    return task, runs, monkeypatch
+
+
+def test_teacher_is_cached_and_reused(counting_math):
+    task, runs, _ = counting_math
+    first = task.teacher("smoke", progress=False)
+    second = task.teacher("smoke", progress=False)
+    assert len(runs) == 1
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    path = task.teacher_path("smoke")
+    assert (path / "model.safetensors").exists() and (path / "tokenizer" / "tokenizer.json").exists()
+    log = task.training_log("smoke")
+    assert [e["step"] for e in log["curve"]] == [1, 2]
+    assert log["meta"]["train_config"]["steps"] == 2
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))  # no pickle files
+
+
+def test_teacher_cache_invalidated_by_config_change(counting_math):
+    task, runs, monkeypatch = counting_math
+    task.teacher("smoke", progress=False)
+    old_path = task.teacher_path("smoke")
+    changed = replace(task.train_config("smoke"), lr=2e-3)
+    monkeypatch.setattr(task, "train_config", lambda scale="book": changed)
+    task.teacher("smoke", progress=False)
+    assert len(runs) == 2
+    assert task.teacher_path("smoke") != old_path
+
+
+def test_teacher_rejects_unknown_scale():
+    with pytest.raises(ValueError, match="scale"):
+        tasks.get("math").teacher("huge")
+
+
+def test_student_like_is_an_independent_copy_in_train_mode(counting_math):
+    task, _, _ = counting_math
+    teacher = task.teacher("smoke", progress=False)
+    student = task.student_like(teacher)
+    assert student.training and not teacher.training
+    name, param = next(iter(student.named_parameters()))
+    with torch.no_grad():
+        param.add_(1.0)
+    assert not torch.equal(param, dict(teacher.named_parameters())[name])
+
+
+def test_train_batches_are_seeded_and_bucketed():
+    task = tasks.get("math")
+    first = next(task.train_batches(4, "smoke", seed=1))
+    again = next(task.train_batches(4, "smoke", seed=1))
+    other = next(task.train_batches(4, "smoke", seed=2))
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert not torch.equal(first["input_ids"][:, :8], other["input_ids"][:, :8])
+    with pytest.raises(ValueError, match="batch_size"):
+        next(task.train_batches(0, "smoke"))
