@@ -2,7 +2,7 @@
 
 The paper fine-tunes Whisper-small on Common Voice Hindi. Here, offline on a CPU, each utterance is
 ``k`` Hindi number words (Devanagari transcript, e.g. ``"सत्तानवे चार"``) spoken by espeak-ng's Hindi
-voice with one of its ~90 voice variants at a random speed and pitch, resampled to 16 kHz, and turned
+voice with one of 98 espeak-ng voice variants at a random speed and pitch, resampled to 16 kHz, and turned
 into Whisper log-mel features over a short window (``seconds``, so ``max_source_positions =
 100·seconds/2``). Train, validation and test use *disjoint voice variants*, so the test set measures
 recognition of voices never heard in training. The calibration split is further clips of the training
