@@ -141,6 +141,10 @@ class Lexicon:
     adjectives: tuple[Adjective, ...]
     missing: tuple[str, ...]  # curated words Ding did not give us
 
+    def subset(self, nouns: int, adjectives: int) -> Lexicon:
+        """The first ``nouns`` nouns and ``adjectives`` adjectives (the lists run from common to rarer)."""
+        return Lexicon(self.nouns[:nouns], self.verbs, self.adjectives[:adjectives], self.missing)
+
 
 _ANNOTATION = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\([^)]*\)|<[^>]*>")
 _ARGUMENT = re.compile(r"(?<![\w.])((jdn|jdm|jds|etw)\.(/(jdn|jdm|etw)\.)?|sth\.|sb\.’s|sb\.)\s*")

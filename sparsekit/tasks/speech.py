@@ -2,7 +2,7 @@
 
 The paper fine-tunes Whisper-small on Common Voice Hindi. Here, offline on a CPU, each utterance is
 ``k`` Hindi number words (Devanagari transcript, e.g. ``"सत्तानवे चार"``) spoken by espeak-ng's Hindi
-voice with one of its ~90 voice variants at a random speed and pitch, resampled to 16 kHz, and turned
+voice with one of 98 espeak-ng voice variants at a random speed and pitch, resampled to 16 kHz, and turned
 into Whisper log-mel features over a short window (``seconds``, so ``max_source_positions =
 100·seconds/2``). Train, validation and test use *disjoint voice variants*, so the test set measures
 recognition of voices never heard in training. The calibration split is further clips of the training
@@ -103,7 +103,7 @@ SPECS = {
 
 MODEL_SIZES = {  # d_model, encoder layers, decoder layers, heads, ffn
     "smoke": (32, 1, 1, 2, 64),
-    "book": (96, 2, 2, 4, 384),
+    "book": (48, 2, 2, 4, 192),
 }
 
 TRAIN_CONFIGS = {
@@ -181,9 +181,9 @@ def utterance(row: dict) -> audio.Utterance:
 def whisper_config(spec: SpeechSpec, vocab_size: int, sizes: tuple[int, int, int, int, int], pad, start, eos):
     """A tiny ``WhisperConfig`` for ``spec``'s window.
 
-    Dropout 0 (dropout made pruning harmless at this scale). Weights start at ``N(0, 1/d)`` instead of
-    Whisper's ``N(0, 0.02²)`` (tuned for d >= 384): at d = 96 the small init leaves the trained weights
-    almost noise-free and magnitude pruning nearly harmless.
+    Dropout 0 (with dropout, pruning barely hurt the translation teacher). Weights start at
+    ``N(0, 1/d)`` instead of Whisper's ``N(0, 0.02²)`` (tuned for d >= 384); at d = 48 this trained a
+    better teacher here (test WER 0.013 vs 0.047), which 70% magnitude pruning hurts more (0.64 vs 0.40).
     """
     from transformers import WhisperConfig
 
