@@ -20,15 +20,6 @@ from sparsekit.blocks import prunable_linears
 from sparsekit.cli import build_parser, main, text_calibration_batches
 from sparsekit.masks import is_nm_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread beats two spinning OpenMP threads (more so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TEXT = "\n".join(f"the {a} cat sat on the {b} mat and saw {c} birds" for a, b, c in
                  zip(["red", "big", "old", "shy"] * 8, ["blue", "warm", "soft", "flat"] * 8, range(32)))
 

@@ -20,15 +20,6 @@ from sparsekit.blocks import prunable_linears, transformer_blocks
 from sparsekit.masks import is_nm_mask
 from sparsekit.prune import magnitude_prune, prune_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread beats two spinning OpenMP threads (more so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 VOCAB = 100
 
 

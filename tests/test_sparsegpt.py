@@ -7,15 +7,6 @@ from sparsekit.masks import is_nm_mask
 from sparsekit.prune import HessianError, magnitude_prune, sparsegpt_prune, wanda_prune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread beats two spinning OpenMP threads (more so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def correlated_layer(seed, out=32, inp=64, tokens=256):
     """A weight and ``H = 2/n XᵀX`` for inputs with a decaying spectrum and unequal per-input scales."""
     g = torch.Generator().manual_seed(seed)

@@ -7,15 +7,6 @@ from sparsekit.masks import is_nm_mask
 from sparsekit.prune import magnitude_prune, wanda_prune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread beats two spinning OpenMP threads (more so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_scores_weight_by_input_norm():
     W = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     act_sq_norm = torch.tensor([100.0, 1.0, 1.0, 0.01])  # |W|·‖x‖ = 10, 2, 3, 0.4
