@@ -13,7 +13,7 @@ from sparsekit.kernels import cpu, cpu_build, ops
 
 torch.set_num_threads(2)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIMD = [False, True] if cpu_build.simd_available() else [False]
 
 

@@ -21,7 +21,7 @@ from sparsekit.formats import (
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def random_sparse(rows, cols, density, seed):

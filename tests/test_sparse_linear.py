@@ -13,6 +13,7 @@ from sparsekit.kernels import (
     densify_linears,
     register_kernel,
     select_kernel,
+    sparse_linear,
     sparse_weights,
     sparsify_linears,
 )
@@ -129,7 +130,8 @@ def tiny_model(seed=0):
     from transformers import MptConfig, MptForCausalLM
 
     torch.manual_seed(seed)
-    config = MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=64, vocab_size=97)
+    config = MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=64, vocab_size=97,
+                       use_cache=True)
     return MptForCausalLM(config).eval()
 
 
@@ -142,7 +144,7 @@ def prune_tiny(model):
     return model
 
 
-def test_sparsify_linears_keeps_greedy_generations():
+def test_sparsify_linears_keeps_greedy_generations(monkeypatch):
     model = prune_tiny(tiny_model())
     ids = torch.randint(1, 97, (3, 6), generator=torch.Generator().manual_seed(0))
     kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -154,8 +156,15 @@ def test_sparsify_linears_keeps_greedy_generations():
     assert list(report["format"][:3]) == ["bitmask", "nm 2:4", "csr"]
     assert all(report["nbytes"][report["replaced"]] < report["dense_nbytes"][report["replaced"]])
     assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 6
+    paths = []
+    select = sparse_linear.select_kernel
+    monkeypatch.setattr(sparse_linear, "select_kernel",
+                        lambda *args: paths.append(select(*args)) or paths[-1])
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kwargs), expected)
+    # one-row-per-sequence decode steps run the sparse kernels; the 18-row prefill goes dense for bitmask/N:M
+    assert sum(p is not None for p in paths) >= 6 * 23 and any(p is None for p in paths)
+    with torch.no_grad():
         torch.testing.assert_close(model(expected).logits, logits, rtol=1e-4, atol=1e-4)
 
 

@@ -408,12 +408,16 @@ def goal_table(linear: dict, decode: dict | None = None, shape: str | None = Non
 
 def tiny_mpt(d_model: int = 4096, n_layers: int = 2, vocab_size: int = 4096, n_heads: int | None = None,
              seed: int = 0):
-    """An ``MptForCausalLM`` with random weights at width ``d_model`` (MPT-7B: 4096, 32 heads, 4x FFN)."""
+    """An ``MptForCausalLM`` with random weights at width ``d_model`` (MPT-7B: 4096, 32 heads, 4x FFN).
+
+    ``use_cache=True``: ``MptConfig`` defaults to no KV cache, which makes ``generate`` recompute the
+    whole sequence at every step (a prefill per token) instead of decoding one row at a time.
+    """
     from transformers import MptConfig, MptForCausalLM
 
     torch.manual_seed(seed)
     config = MptConfig(d_model=d_model, n_heads=n_heads or max(1, d_model // 128), n_layers=n_layers,
-                       expansion_ratio=4, max_seq_len=512, vocab_size=vocab_size)
+                       expansion_ratio=4, max_seq_len=512, vocab_size=vocab_size, use_cache=True)
     return MptForCausalLM(config).eval()
 
 
@@ -429,7 +433,7 @@ def _prune_model(model, pattern: str):
 def _generate(model, ids, new_tokens: int):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
+                              pad_token_id=0, eos_token_id=None, use_cache=True)
 
 
 def _decoder(model, ids, new_tokens):
