@@ -4,6 +4,9 @@ The blocks of a model are the entries of its outermost ``nn.ModuleList``s whose 
 layers: ``transformer.blocks`` (MPT), ``transformer.h`` (GPT-2), ``model.layers`` (Llama),
 ``encoder.block`` then ``decoder.block`` (T5), ``encoder.layers`` then ``decoder.layers`` (Whisper).
 Embeddings and the LM head live outside the blocks and are never pruned by default.
+
+A "linear layer" is an ``nn.Linear`` (weight ``[out, in]``) or transformers' ``Conv1D`` (GPT-2; the same
+map with the weight stored as ``[in, out]``); :func:`weight_out_in` gives either as an ``[out, in]`` view.
 """
 
 from __future__ import annotations
@@ -12,11 +15,36 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["transformer_blocks", "prunable_linears", "capture_linear_inputs"]
+__all__ = ["transformer_blocks", "prunable_linears", "capture_linear_inputs", "is_linear", "weight_out_in",
+           "in_features_of"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and for transformers' ``Conv1D`` (a Linear with a transposed weight)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def weight_out_in(module: nn.Module):
+    """The layer's weight as ``[out, in]``: the parameter itself, or a transposed view of a ``Conv1D``'s.
+
+    Writing into the returned tensor writes into the layer.
+    """
+    weight = module.weight.data
+    return weight.t() if _is_conv1d(module) else weight
+
+
+def in_features_of(module: nn.Module) -> int:
+    return weight_out_in(module).shape[1]
 
 
 def _holds_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
+    return any(is_linear(m) for m in module.modules())
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -45,11 +73,11 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def prunable_linears(model: nn.Module, targets: Iterable[str] | None = None) -> list[tuple[str, nn.Linear]]:
     """``[(qualified name, linear)]`` of the layers to prune, in execution order.
 
-    ``targets=None`` selects every ``nn.Linear`` inside the transformer blocks. Otherwise ``targets``
-    are qualified names (or name suffixes such as ``"attn.Wqkv"``) of ``nn.Linear`` modules; a target
-    that matches nothing raises ``ValueError``.
+    ``targets=None`` selects every linear layer (``nn.Linear`` or ``Conv1D``) inside the transformer
+    blocks. Otherwise ``targets`` are qualified names (or name suffixes such as ``"attn.Wqkv"``) of such
+    layers; a target that matches nothing raises ``ValueError``.
     """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     if targets is None:
         prefixes = [name + "." for name, _ in transformer_blocks(model)]
         return [(n, m) for n, m in linears if any(n.startswith(p) for p in prefixes)]

@@ -144,7 +144,7 @@ def apply_masks(model: nn.Module) -> None:
     """``W ← W ⊙ M`` for every layer that carries a frozen mask."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Linear) and hasattr(module, "weight_mask"):
+            if "weight_mask" in getattr(module, "_buffers", {}):
                 module.weight.mul_(module.weight_mask)
 
 

@@ -6,6 +6,8 @@ import functools
 import pytest
 import torch
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MptConfig,
@@ -16,7 +18,7 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from sparsekit.blocks import prunable_linears, transformer_blocks
+from sparsekit.blocks import prunable_linears, transformer_blocks, weight_out_in
 from sparsekit.masks import is_nm_mask
 from sparsekit.prune import magnitude_prune, prune_model
 
@@ -60,6 +62,9 @@ def _dense(kind):
         config = MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64,
                            expansion_ratio=2)
         return MptForCausalLM(config).eval()
+    if kind == "gpt2":  # Conv1D layers: the weight is stored as [in, out]
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
     if kind == "llama":
         config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
@@ -79,7 +84,8 @@ def dense_model(kind):
     return copy.deepcopy(_dense(kind))
 
 
-BATCHES = {"mpt": text_batches, "llama": text_batches, "t5": t5_batches, "whisper": whisper_batches}
+BATCHES = {"mpt": text_batches, "llama": text_batches, "gpt2": text_batches, "t5": t5_batches,
+           "whisper": whisper_batches}
 KINDS = list(BATCHES)
 
 
@@ -90,7 +96,7 @@ def logits(model, batches):
 
 def real_positions(kind, batch):
     """Positions whose logits depend on real tokens only (right padding)."""
-    if kind in ("mpt", "llama"):
+    if kind in ("mpt", "llama", "gpt2"):
         return batch["attention_mask"].bool()
     return torch.ones(batch["labels" if kind == "t5" else "decoder_input_ids"].shape, dtype=torch.bool)
 
@@ -119,12 +125,12 @@ def test_reaches_sparsity_in_every_target_and_leaves_the_rest_dense(kind):
             assert torch.equal(param, dense_params[name]), name  # embeddings, LM head, norms, biases
 
 
-@pytest.mark.parametrize("kind", ["mpt", "t5"])
+@pytest.mark.parametrize("kind", ["mpt", "t5", "gpt2"])
 def test_nm_pattern_in_every_target(kind):
     model = dense_model(kind)
     prune_model(model, BATCHES[kind](padding=True), "sparsegpt", nm=(2, 4), progress=False)
     for name, linear in prunable_linears(model):
-        assert is_nm_mask(linear.weight != 0, (2, 4)), name
+        assert is_nm_mask(weight_out_in(linear) != 0, (2, 4)), name  # groups run along the inputs
         assert float((linear.weight == 0).float().mean()) >= 0.5, name
 
 
@@ -168,14 +174,14 @@ def test_layer_inputs_are_those_of_the_model_with_earlier_blocks_pruned(kind):
             if name not in inputs:
                 continue
             X = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[name]])
-            W = linear.weight.detach()
+            W = weight_out_in(linear)
             W_pruned = magnitude_prune(W, 0.5)[0]
             expected = float((X @ (W - W_pruned).t()).square().sum() / (X @ W.t()).square().sum())
             assert report.loc[name, "rel_error"] == pytest.approx(expected, rel=1e-3), name
         with torch.no_grad():  # now prune this block, as the driver did before moving on
             for name, linear in targets:
                 if name in inputs:
-                    linear.weight.copy_(magnitude_prune(linear.weight, 0.5)[0])
+                    weight_out_in(linear).copy_(magnitude_prune(weight_out_in(linear), 0.5)[0])
 
 
 @pytest.mark.parametrize("kind", ["mpt", "t5", "whisper"])

@@ -254,6 +254,8 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
     rows = []
     modules = dict(model.named_modules())
     for name, linear in prunable_linears(model, targets):
+        if not isinstance(linear, nn.Linear):
+            continue  # transformers' Conv1D (GPT-2) stores W transposed; not swapped (yet)
         W = linear.weight.detach()
         sparsity = float((W == 0).sum()) / W.numel() if W.numel() else 0.0
         row = {"layer": name, "sparsity": sparsity, "format": "dense",

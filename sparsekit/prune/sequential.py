@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.blocks import prunable_linears, transformer_blocks
+from sparsekit.blocks import in_features_of, prunable_linears, transformer_blocks, weight_out_in
 from sparsekit.masks import validate_nm, validate_sparsity
 from sparsekit.prune.magnitude import magnitude_prune
 from sparsekit.prune.sparsegpt import sparsegpt_prune
@@ -250,7 +250,7 @@ def _prune_linear(linear: nn.Linear, name: str, stats: HessianStats, method: str
     start = time.perf_counter()
     if stats.tokens == 0 and method != "magnitude":
         raise ValueError(f"layer {name!r} received no calibration inputs; cannot prune it with {method}")
-    W = linear.weight.data
+    W = weight_out_in(linear)  # [out, in], a view: Conv1D (GPT-2) stores the transpose
     if method == "sparsegpt":
         pruned, _ = sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp, name=name)
     elif method == "wanda":
@@ -274,7 +274,7 @@ def _prune_linear(linear: nn.Linear, name: str, stats: HessianStats, method: str
 
 def _process_block(block, linears, calls, masks, method, sparsity, nm, blocksize, percdamp, device,
                    need_outputs) -> tuple[list[dict], list[torch.Tensor] | None]:
-    stats = {name: HessianStats(linear.in_features, device) for name, linear in linears}
+    stats = {name: HessianStats(in_features_of(linear), device) for name, linear in linears}
     current = {}
 
     def accumulate(name):
@@ -338,7 +338,7 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
                          "prune_model only prunes Linear layers inside the blocks")
     if nm is not None:
         for name, linear in chosen.items():
-            validate_nm(nm, linear.in_features, name=f"nm (layer {name!r})")
+            validate_nm(nm, in_features_of(linear), name=f"nm (layer {name!r})")
     if method == "sparsegpt":
         _validate_solver_options(blocksize, percdamp, nm)
     home = _model_device(model)
