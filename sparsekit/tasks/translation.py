@@ -148,7 +148,9 @@ class TranslationTask(Task):
 
             return AutoConfig.from_pretrained(self.real.model_id)
         tok = self.tokenizer(scale)
-        dims = {"smoke": (64, 128, 1, 2), "book": (192, 768, 2, 4)}[scale]
+        # d128/ffn512 beat d192/ffn768 here: BLEU 46.8 vs 16.6 at 2500 steps, and 70% magnitude pruning
+        # costs 81% of its margin over the baseline instead of 30% (measured with 1 thread, same data)
+        dims = {"smoke": (64, 128, 1, 2), "book": (128, 512, 2, 4)}[scale]
         d_model, d_ff, layers, heads = dims
         return T5Config(
             vocab_size=len(tok), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=layers,
