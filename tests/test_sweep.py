@@ -58,3 +58,12 @@ def test_sweep_rejects_unknown_methods_and_bad_patterns():
     with pytest.raises(ValueError, match="sparsity"):
         one_shot_sweep(TinyTask(), None, sparsities=(1.2,))
     assert pattern_label(0.7) == "70%" and pattern_label(nm=(2, 4)) == "2:4"
+
+
+def test_sweep_skips_nm_patterns_the_model_cannot_take():
+    torch.manual_seed(0)
+    teacher = MptForCausalLM(MptConfig(d_model=48, n_heads=2, n_layers=1, expansion_ratio=2, vocab_size=64))
+    with pytest.warns(UserWarning, match="skipping 16:32"):
+        results, _ = one_shot_sweep(TinyTask(teacher), teacher, methods=("magnitude",), sparsities=(),
+                                    nms=((2, 4), (16, 32)), progress=False)
+    assert list(results.pattern) == ["0%", "2:4"]

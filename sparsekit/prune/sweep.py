@@ -7,6 +7,7 @@ teacher with the same calibration batches, and the pruned model is scored with t
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import pandas as pd
@@ -31,6 +32,13 @@ def _patterns(sparsities, nms):
         yield {"sparsity": nm_sparsity(validate_nm(nm)), "nm": tuple(nm)}
 
 
+def _fits(model, nm) -> bool:
+    """True when every prunable layer's input width is a multiple of ``m`` (else ``n:m`` is undefined)."""
+    from sparsekit.blocks import in_features_of, prunable_linears
+
+    return nm is None or all(in_features_of(layer) % nm[1] == 0 for _, layer in prunable_linears(model))
+
+
 def one_shot_sweep(task, teacher, methods: Sequence[str] = METHODS, sparsities: Sequence[float] = (0.5,),
                    nms: Sequence[tuple[int, int]] = (), scale: str = "book", split: str = "test",
                    limit: int | None = None, n_calib: int = 128, calib_batch_size: int = 16,
@@ -51,6 +59,11 @@ def one_shot_sweep(task, teacher, methods: Sequence[str] = METHODS, sparsities: 
     if unknown:
         raise ValueError(f"methods must be among {METHODS}, got unknown {unknown}")
     patterns = list(_patterns(sparsities, nms))
+    for pattern in [p for p in patterns if not _fits(teacher, p["nm"])]:
+        n, m = pattern["nm"]
+        warnings.warn(f"{task.name}: skipping {n}:{m}, the model has layers whose input width is not a "
+                      f"multiple of {m}", stacklevel=2)
+        patterns.remove(pattern)
     calib = task.calibration_batches(n=n_calib, batch_size=calib_batch_size, scale=scale)
 
     start = time.perf_counter()
