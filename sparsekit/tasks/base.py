@@ -186,7 +186,7 @@ class Task:
                 self._tokenizers["paper"] = self.real.load_tokenizer()
             return self._tokenizers["paper"]
         if scale not in self._tokenizers:
-            path = cache.data_dir(self.name, scale, self.data_version) / "tokenizer"
+            path = cache.data_dir(self.name, scale, self.data_version) / self.tokenizer_dirname(scale)
             if (path / "tokenizer.json").exists():
                 tok = PreTrainedTokenizerFast.from_pretrained(str(path))
             else:
@@ -194,6 +194,10 @@ class Task:
                 tok.save_pretrained(str(path))
             self._tokenizers[scale] = tok
         return self._tokenizers[scale]
+
+    def tokenizer_dirname(self, scale: str) -> str:
+        """Folder of the cached tokenizer; a task whose data changes without a version bump keys it here."""
+        return "tokenizer"
 
     # ---- models -------------------------------------------------------------------------------
     def model_class(self):

@@ -298,23 +298,8 @@ class SpeechTask(Task):
         return feats
 
     # ---- tokenizer ----------------------------------------------------------------------------
-    def tokenizer(self, scale: str = "book"):
-        """The word-level tokenizer of ``scale``, cached on disk under the :meth:`data_key` (so a change of
-        the data spec retrains it); the hub's Whisper tokenizer at ``scale="paper"``."""
-        from transformers import PreTrainedTokenizerFast
-
-        check_scale(scale)
-        if scale == "paper":
-            return super().tokenizer(scale)
-        if scale not in self._tokenizers:
-            path = cache.data_dir(self.name, scale, self.data_version) / f"tokenizer-{self.data_key(scale)}"
-            if (path / "tokenizer.json").exists():
-                tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-            else:
-                tok = self._train_tokenizer(scale)
-                tok.save_pretrained(str(path))
-            self._tokenizers[scale] = tok
-        return self._tokenizers[scale]
+    def tokenizer_dirname(self, scale: str) -> str:
+        return f"tokenizer-{self.data_key(scale)}"  # the synthesis spec and rows, not just data_version
 
     def _train_tokenizer(self, scale: str):
         """Word-level tokenizer over the training transcripts (whitespace-separated Devanagari words)."""
