@@ -1,0 +1,212 @@
+"""Sparse fine-tuning on ``transformers.Trainer``: a loss mix distilled from a dense teacher, masks kept.
+
+:class:`SparseTrainer` is a ``Trainer`` (so ``TrainingArguments``, logging, checkpoints and multi-device
+training through accelerate work as usual) whose loss is
+
+    loss = w_ce · CE + w_kd · KD_T + w_sh · SquareHead
+
+(:mod:`sparsekit.distill.losses`). The teacher runs in eval mode under ``torch.no_grad`` on the
+student's device; it is never handed to accelerate, so DDP/FSDP never wraps it. The student's zero
+pattern is frozen with :func:`sparsekit.masks.freeze_masks`: gradients are masked, ``W ← W ⊙ M`` after
+every optimizer step, and the forward pass re-applies the mask, so pruned weights stay exactly zero
+through AdamW with weight decay, checkpoint saves and resumes (zeros are saved as zeros). A model
+wrapped with LoRA (peft) keeps its base weights frozen instead; merge it with
+:func:`sparsekit.distill.lora.merge_lora`.
+
+Each loss component is logged separately (``ce``, ``kd``, ``squarehead``), and :attr:`SparseTrainer.record`
+keeps every optimizer step's loss, components and (at logging steps) gradient norm; :func:`loss_spikes`
+finds the steps whose loss exceeds ``k`` times the running median.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import transformers
+
+from sparsekit.distill.losses import block_outputs, ce_loss, kd_loss, shift_labels, squarehead_loss
+from sparsekit.masks import apply_masks, freeze_masks
+
+__all__ = ["SparseTrainer", "LOSS_MIXES", "parse_loss_mix", "loss_spikes", "stability_summary"]
+
+COMPONENTS = ("ce", "kd", "squarehead")
+
+# the four losses of the paper's comparison, as weights of (ce, kd, squarehead)
+LOSS_MIXES: dict[str, dict[str, float]] = {
+    "CE": {"ce": 1.0},
+    "CE+KD": {"ce": 1.0, "kd": 1.0},
+    "SquareHead": {"squarehead": 1.0},
+    "CE+SquareHead": {"ce": 1.0, "squarehead": 1.0},
+}
+
+
+def parse_loss_mix(mix: str | Mapping[str, float]) -> dict[str, float]:
+    """Loss weights ``{component: weight}`` from a name of :data:`LOSS_MIXES`, a string such as
+    ``"ce=1,squarehead=0.5"``, or a mapping. Components: ``ce``, ``kd``, ``squarehead``."""
+    if isinstance(mix, str):
+        if mix in LOSS_MIXES:
+            return dict(LOSS_MIXES[mix])
+        weights = {}
+        for part in mix.split(","):
+            name, _, value = part.partition("=")
+            try:
+                weights[name.strip()] = float(value) if value else 1.0
+            except ValueError:
+                raise ValueError(f"loss mix {mix!r}: weight {value!r} of {name!r} is not a number") from None
+        mix = weights
+    if not isinstance(mix, Mapping):
+        raise TypeError(f"loss mix must be a str or a mapping, got {type(mix).__name__}: {mix!r}")
+    unknown = sorted(set(mix) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"loss mix has unknown components {unknown}; allowed: {list(COMPONENTS)} or one "
+                         f"of the names {list(LOSS_MIXES)}")
+    weights = {name: float(w) for name, w in mix.items()}
+    if any(not math.isfinite(w) or w < 0 for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"loss mix weights must be finite, >= 0 and not all 0; got {weights}")
+    return {name: w for name, w in weights.items() if w > 0}
+
+
+def loss_spikes(losses: Sequence[float], k: float = 1.5, window: int = 20, min_history: int = 5) -> list[int]:
+    """Indices ``t`` whose loss exceeds ``k`` times the median of the ``window`` losses before it.
+
+    The first ``min_history`` steps are never counted (no median yet).
+    """
+    if not k > 0 or window < 1 or min_history < 1:
+        raise ValueError(f"need k > 0, window >= 1, min_history >= 1; got k={k}, window={window}, "
+                         f"min_history={min_history}")
+    values = np.asarray(losses, dtype=float)
+    return [t for t in range(min_history, len(values))
+            if values[t] > k * np.median(values[max(0, t - window):t])]
+
+
+def stability_summary(record: Sequence[Mapping], k: float = 1.5, window: int = 20) -> dict:
+    """Spike count and steps (see :func:`loss_spikes`), and the largest logged gradient norm."""
+    losses = [entry["loss"] for entry in record]
+    spikes = loss_spikes(losses, k, window)
+    norms = [entry["grad_norm"] for entry in record if entry.get("grad_norm") is not None]
+    return {"spikes": len(spikes), "spike_steps": [record[t]["step"] for t in spikes],
+            "max_grad_norm": max(norms) if norms else None, "k": k, "window": window}
+
+
+class _StepRecorder(transformers.TrainerCallback):
+    """Moves the components accumulated over one optimizer step's micro-batches into the record."""
+
+    def __init__(self, trainer: SparseTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._close_step(state.global_step)
+
+
+class SparseTrainer(transformers.Trainer):
+    """``transformers.Trainer`` for sparse fine-tuning with a loss mix distilled from ``teacher``.
+
+    Parameters (beyond ``Trainer``'s): ``teacher`` (a dense model with the student's architecture; for
+    ``kd`` and ``squarehead``), ``loss`` (a mix for :func:`parse_loss_mix`: ``"CE+SquareHead"``,
+    ``{"ce": 1, "squarehead": 1}``, ...), ``temperature`` of KD, ``freeze`` (freeze the student's
+    zeros as its mask; default True, ignored for a peft model whose base weights are frozen anyway).
+
+    The batches hold ``labels`` (``-100`` = no target). The squarehead token masks are the batch's
+    ``attention_mask`` for encoder and decoder-only blocks (all positions when absent), and
+    ``decoder_attention_mask`` or ``labels != -100`` for decoder blocks of an encoder-decoder.
+    """
+
+    def __init__(self, model=None, args=None, *, teacher=None, loss="CE+SquareHead", temperature: float = 1.0,
+                 freeze: bool = True, **kwargs):
+        self.loss_weights = parse_loss_mix(loss)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+        needs_teacher = {"kd", "squarehead"} & set(self.loss_weights)
+        if needs_teacher and teacher is None:
+            raise ValueError(f"loss {loss!r} uses {sorted(needs_teacher)}: pass a teacher")
+        self.is_peft = hasattr(model, "peft_config")
+        self.masks = freeze_masks(model) if freeze and not self.is_peft else {}
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
+        self.teacher = None
+        if needs_teacher:
+            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.record: list[dict] = []
+        self._step_sums: dict[str, float] = {}
+        self._log_sums: dict[str, float] = {}
+        self._log_count = 0
+        self.add_callback(_StepRecorder(self))
+
+    # ---- optimizer: masks re-applied after every step -------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.masks and not getattr(optimizer, "_sparsekit_masked", False):
+            optimizer.register_step_post_hook(lambda *_: apply_masks(self.model))
+            optimizer._sparsekit_masked = True
+        return optimizer
+
+    # ---- loss ---------------------------------------------------------------------------------------
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.accelerator.unwrap_model(self.model).config, "is_encoder_decoder", False))
+
+    def _aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels if self._is_encoder_decoder() else shift_labels(labels)
+
+    @staticmethod
+    def _token_masks(inputs: Mapping, stacks: Sequence[str]) -> list[torch.Tensor | None]:
+        attention = inputs.get("attention_mask")
+        decoder = inputs.get("decoder_attention_mask")
+        if decoder is None and "labels" in inputs:
+            decoder = inputs["labels"] != -100
+        return [decoder if stack == "decoder" else attention for stack in stacks]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError(f"SparseTrainer batches need 'labels' (-100 = no target); got {sorted(inputs)}")
+        wants_hidden = "squarehead" in self.loss_weights
+        outputs = model(**inputs, output_hidden_states=wants_hidden)
+        labels = self._aligned_labels(inputs["labels"])
+        parts: dict[str, torch.Tensor] = {}
+        if "ce" in self.loss_weights:
+            parts["ce"] = ce_loss(outputs.logits, labels)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs, output_hidden_states=wants_hidden)
+            if "kd" in self.loss_weights:
+                parts["kd"] = kd_loss(outputs.logits, teacher_out.logits, labels, self.temperature)
+            if wants_hidden:
+                student_states, stacks = block_outputs(outputs)
+                teacher_states, _ = block_outputs(teacher_out)
+                parts["squarehead"] = squarehead_loss(student_states, teacher_states,
+                                                      self._token_masks(inputs, stacks))
+        loss = sum(self.loss_weights[name] * value for name, value in parts.items())
+        if model.training:
+            self._accumulate(loss, parts)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- records and logs ---------------------------------------------------------------------------
+    def _accumulate(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:
+        scale = 1.0 / self.args.gradient_accumulation_steps
+        for name, value in {"loss": loss, **parts}.items():
+            self._step_sums[name] = self._step_sums.get(name, 0.0) + float(value.detach()) * scale
+
+    def _close_step(self, step: int) -> None:
+        if not self._step_sums:
+            return
+        self.record.append({"step": step, **self._step_sums, "lr": self._get_learning_rate()})
+        for name, value in self._step_sums.items():
+            if name != "loss":
+                self._log_sums[name] = self._log_sums.get(name, 0.0) + value
+        self._log_count += 1
+        self._step_sums = {}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "grad_norm" in logs and self.record and self.record[-1]["step"] == self.state.global_step:
+            self.record[-1]["grad_norm"] = float(logs["grad_norm"])
+        if "loss" in logs and self._log_count:
+            logs.update({name: total / self._log_count for name, total in self._log_sums.items()})
+            self._log_sums, self._log_count = {}, 0
+        super().log(logs, start_time)
+
+    def stability(self, k: float = 1.5, window: int = 20) -> dict:
+        """Loss spikes and the largest gradient norm of this run (see :func:`stability_summary`)."""
+        return stability_summary(self.record, k, window)
