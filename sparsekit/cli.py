@@ -2,11 +2,13 @@
 
 ``sparsekit prune MODEL --calib SOURCE --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
 Hugging Face model (a local path, or a hub id when online) one shot, saves it with ``save_pretrained``
-(safetensors) and prints the sparsity report. ``sparsekit book ...`` runs the book driver
+(safetensors) and prints the sparsity report. ``sparsekit finetune STUDENT --teacher DIR (--task T |
+--data FILE) --out DIR (--steps N | --epochs E)`` fine-tunes a pruned model with its mask kept (loss mix,
+optional LoRA) and writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the book driver
 (:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
-``finetune`` (sparse fine-tuning) and ``bench`` (kernel benchmarks) are added there by their issues.
+``bench`` (kernel benchmarks) is added there by its issue.
 """
 
 from __future__ import annotations
@@ -162,6 +164,111 @@ def run_prune(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# finetune
+
+
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("student", help="the pruned model's directory (its zeros are kept as its mask)")
+    parser.add_argument("--teacher", default=None,
+                        help="the dense teacher's directory (needed for kd, squarehead)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", default=None, help="a sparsekit task name (translation, speech, math)")
+    source.add_argument("--data", type=Path, default=None,
+                        help="a .jsonl file: rows with 'input_ids' (optional 'attention_mask', 'labels'), "
+                             "or rows with 'text' (tokenized with the student's tokenizer; causal LMs)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--loss", default="CE+SquareHead",
+                        help="CE | CE+KD | SquareHead | CE+SquareHead, or weights: ce=1,kd=0.5,squarehead=1")
+    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="epochs over the training rows")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up steps (then linear decay to 0)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--lora", type=int, default=None, metavar="RANK",
+                        help="train LoRA adapters of this rank, merged through the mask at the end")
+    parser.add_argument("--train-size", type=int, default=None, help="use the first N training rows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window of a 'text' data file")
+    parser.add_argument("--scale", default="book", choices=("smoke", "book", "paper"), help="task scale")
+    parser.add_argument("--eval-limit", type=int, default=None, help="validation rows to evaluate (a task)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _data_file_rows(path: Path, student_dir: str, seq_len: int) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--data {path} holds no rows")
+    if all("input_ids" in row for row in lines):
+        return lines
+    if not all("text" in row for row in lines):
+        raise ValueError(f"--data {path}: every row needs 'input_ids' or 'text'")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    ids = tokenizer("\n".join(row["text"] for row in lines), add_special_tokens=False)["input_ids"]
+    if len(ids) < seq_len:
+        raise ValueError(f"--data {path} has {len(ids)} tokens, fewer than --seq-len {seq_len}")
+    return [{"input_ids": ids[i:i + seq_len]} for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def run_finetune(args) -> int:
+    import functools
+    import time
+
+    from sparsekit.distill.finetune import finetune, pad_collate
+    from sparsekit.masks import sparsity_report
+
+    start = time.perf_counter()
+    student = _load_model(args.student)
+    teacher = _load_model(args.teacher) if args.teacher else None
+    task = None
+    if args.task:
+        from sparsekit import tasks
+
+        task = tasks.get(args.task)
+        rows = task.rows("train", args.scale)
+        collate = functools.partial(task.collate, scale=args.scale)
+    else:
+        rows = _data_file_rows(args.data, args.student, args.seq_len)
+        pad = getattr(student.config, "pad_token_id", None)
+        collate = functools.partial(pad_collate, pad_id=pad if pad is not None else 0)
+    if args.train_size is not None:
+        if args.train_size < 1:
+            raise ValueError(f"--train-size must be a positive int, got {args.train_size}")
+        rows = rows[:args.train_size]
+    before = float(sparsity_report(student).iloc[-1]["sparsity"])
+    result = finetune(student, teacher, rows, collate, args.loss, steps=args.steps, epochs=args.epochs,
+                      lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+                      weight_decay=args.weight_decay, temperature=args.temperature, lora_rank=args.lora,
+                      seed=args.seed, progress=not args.quiet)
+    model = result.model
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    metrics = {"student": str(args.student), "teacher": args.teacher, "task": args.task,
+               "data": str(args.data) if args.data else None, "train_rows": len(rows),
+               "loss": result.loss_weights, "temperature": args.temperature, "steps": result.steps,
+               "lr": args.lr, "batch_size": args.batch_size, "warmup": args.warmup, "lora": args.lora,
+               "seed": args.seed, "sparsity_before": before,
+               "sparsity_after": float(sparsity_report(model).iloc[-1]["sparsity"]),
+               "train_seconds": result.wall_s, "stability": result.stability, "record": result.record}
+    if task is not None:
+        metrics["validation"] = task.evaluate(model, "validation", limit=args.eval_limit, scale=args.scale)
+    metrics["wall_s"] = time.perf_counter() - start
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    last = result.record[-1] if result.record else {}
+    print(f"{result.steps} steps in {result.wall_s:.1f} s; last loss {last.get('loss', float('nan')):.4f}; "
+          f"sparsity {before:.4f} -> {metrics['sparsity_after']:.4f}; "
+          f"loss spikes {result.stability['spikes']}")
+    if "validation" in metrics:
+        print(f"validation: {metrics['validation']}")
+    print(f"saved to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # book
 
 
@@ -175,10 +282,12 @@ def run_book(args) -> int:
     return book_main(args.book_args)
 
 
-# name -> (help, add_arguments, run). The finetune and bench commands are added here by their issues.
+# name -> (help, add_arguments, run). The bench command is added here by its issue.
 COMMANDS = {
     "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
               _add_prune_arguments, run_prune),
+    "finetune": ("sparse fine-tuning of a pruned model (CE, KD, SquareHead; optional LoRA), masks kept",
+                 _add_finetune_arguments, run_finetune),
     "book": ("run the book's notebooks (and build the book)", _add_book_arguments, run_book),
 }
 

@@ -1,0 +1,116 @@
+"""One sparse fine-tuning run: :class:`SparseTrainer` with the paper's schedule, as a function.
+
+The schedule is the paper's (REFERENCES: AdamW β = (0.9, 0.999), ε = 1e-8, linear warm-up then linear
+decay to 0, weight decay 0 unless given), for a fixed number of optimizer steps or epochs. Used by the
+``sparsekit finetune`` command and by the experiments of :mod:`sparsekit.distill.experiment`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsekit.distill.trainer import SparseTrainer, parse_loss_mix
+
+__all__ = ["finetune", "FinetuneResult", "pad_collate"]
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model (LoRA merged through the mask), its per-step record and stability summary."""
+
+    model: torch.nn.Module
+    record: list[dict]
+    stability: dict
+    wall_s: float
+    steps: int
+    loss_weights: dict = field(default_factory=dict)
+
+
+def _positive(name: str, value, kind=int):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+    return value
+
+
+def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], loss="CE+SquareHead", *,
+             steps: int | None = None, epochs: float | None = None, lr: float = 1e-4, batch_size: int = 8,
+             warmup: int = 20, weight_decay: float = 0.0, temperature: float = 1.0,
+             max_grad_norm: float = 1.0, lora_rank: int | None = None, seed: int = 0,
+             output_dir: str | None = None, progress: bool = False, log_steps: int = 1) -> FinetuneResult:
+    """Fine-tune ``student`` (pruned; its zeros are frozen as its mask) on ``rows`` with ``loss``.
+
+    ``rows``: the training examples (any sequence); ``collate(list of rows) -> batch`` with ``labels``.
+    Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. ``lora_rank``: train LoRA
+    adapters of that rank instead of the weights, then merge them through the mask. The student is
+    trained in place (with LoRA, the returned model is the merged base model).
+    """
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
+    _positive("steps", steps)
+    _positive("epochs", epochs, float)
+    _positive("lr", lr, float)
+    _positive("batch_size", batch_size)
+    if len(rows) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} training rows")
+    weights = parse_loss_mix(loss)
+    model = student
+    if lora_rank is not None:
+        from sparsekit.distill.lora import add_lora
+
+        model = add_lora(student, r=_positive("lora_rank", lora_rank))
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=output_dir or scratch, max_steps=steps or -1, num_train_epochs=epochs or 1.0,
+            per_device_train_batch_size=batch_size, learning_rate=lr, warmup_steps=warmup,
+            lr_scheduler_type="linear", weight_decay=weight_decay, adam_beta1=0.9, adam_beta2=0.999,
+            adam_epsilon=1e-8, max_grad_norm=max_grad_norm, logging_steps=log_steps, save_strategy="no",
+            report_to=[], disable_tqdm=not progress, seed=seed, data_seed=seed, remove_unused_columns=False,
+            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+        trainer = SparseTrainer(model, args, teacher=teacher, loss=weights, temperature=temperature,
+                                train_dataset=list(rows), data_collator=collate)
+        trainer.remove_callback(PrinterCallback)
+        if not progress:
+            trainer.remove_callback(ProgressCallback)
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+    if lora_rank is not None:
+        from sparsekit.distill.lora import merge_lora
+
+        model = merge_lora(model)
+    model.eval()
+    return FinetuneResult(model=model, record=trainer.record, stability=trainer.stability(), wall_s=wall,
+                          steps=trainer.state.global_step, loss_weights=weights)
+
+
+def pad_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad token rows (``input_ids``, optional ``attention_mask`` and ``labels``) into a batch.
+
+    Missing ``attention_mask``: 1 on every token; missing ``labels``: the ``input_ids`` (a causal LM
+    learns every token). Padding: ``pad_id`` in ``input_ids``, 0 in the mask, ``-100`` in ``labels``.
+    """
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    label_width = max(len(row.get("labels", row["input_ids"])) for row in rows)
+    batch["labels"] = torch.full((len(rows), label_width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        batch["input_ids"][i, :len(ids)] = ids
+        mask = torch.as_tensor(row.get("attention_mask", [1] * len(ids)), dtype=torch.long)
+        batch["attention_mask"][i, :len(mask)] = mask
+        labels = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long)
+        if "labels" not in row:
+            labels = labels.masked_fill(mask[:len(labels)] == 0, -100)
+        batch["labels"][i, :len(labels)] = labels
+    return batch
