@@ -104,7 +104,7 @@ class RecoveryConfig:
         return sweep + grid - (shared if self.sweep_pattern in self.patterns else 0)
 
 
-_SMOKE = dict(patterns=("50%", "80%"), steps=4, batch_size=8, lr=1e-3, warmup=1, train_sizes=(16, 32),
+_SMOKE = dict(patterns=("80%",), steps=4, batch_size=8, lr=1e-3, warmup=1, train_sizes=(16,),
               headline=("80%",), sweep_pattern="80%", eval_limit=8, n_calib=8, calib_batch_size=8)
 
 # One place per task for every scale. Book scale: ~40 min for the three notebooks on 2 cores (teachers
@@ -164,7 +164,8 @@ class RecoveryResults:
     ``seed``, ``train_size``, ``split``, ``value`` = the task metric, the task's other metrics,
     ``spikes``, ``max_grad_norm``, ``final_loss``, ``train_s``, ``eval_s``); ``one_shot``: one row per
     pattern (test); ``reference``: dense teacher and trivial baseline (test); ``curves``: per run key
-    ``(pattern, loss, seed, train_size)``, the per-step record; ``train_size``: the chosen size.
+    ``(pattern, loss, seed, size_key)``, the per-step record; ``train_size``: the chosen size in rows,
+    ``size_key`` the same as configured (``0`` = the whole split).
     """
 
     task: str
@@ -176,6 +177,7 @@ class RecoveryResults:
     reference: dict
     curves: dict
     train_size: int
+    size_key: int
     seconds: dict
 
 
@@ -256,7 +258,8 @@ class RecoveryExperiment:
         baseline = task.baseline(split="test", scale=scale)
         reference = {"dense": dense["value"], "baseline": baseline[task.metric],
                      "baseline_name": baseline.get("baseline", baseline.get("prediction", "trivial")),
-                     "dense_validation": self.evaluate(self.teacher, "validation")["value"]}
+                     "dense_validation": self.evaluate(self.teacher, "validation")["value"],
+                     "parameters": sum(p.numel() for p in self.teacher.parameters())}
         seconds["reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -293,7 +296,7 @@ class RecoveryExperiment:
         runs = pd.DataFrame(self._rows).drop(columns="key")
         return RecoveryResults(task=task.name, metric=task.metric, higher_is_better=task.higher_is_better,
                                config=config, runs=runs, one_shot=pd.DataFrame(one_shot), reference=reference,
-                               curves=dict(self._curves), train_size=self._size(size),
+                               curves=dict(self._curves), train_size=self._size(size), size_key=size,
                                seconds=seconds)
 
 
