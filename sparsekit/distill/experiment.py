@@ -185,16 +185,18 @@ class RecoveryResults:
 
 
 class RecoveryExperiment:
-    """The recovery experiment of ``task_name`` at ``scale`` (see the module docstring)."""
+    """The recovery experiment of ``task_name`` at ``scale`` (see the module docstring); ``teacher``
+    replaces the task's cached teacher (same architecture)."""
 
     def __init__(self, task_name: str, scale: str = "book", config: RecoveryConfig | None = None,
-                 progress: bool = True):
+                 progress: bool = True, teacher=None):
         from sparsekit import tasks
 
         self.task = tasks.get(task_name)
         self.scale = scale
         self.config = config or recovery_config(task_name, scale)
         self.progress = progress
+        self.teacher = teacher  # default: the task's cached teacher at `scale`
         self.collate = functools.partial(self.task.collate, scale=scale)
         self._pruned: dict[str, object] = {}
         self._rows: list[dict] = []
@@ -256,7 +258,8 @@ class RecoveryExperiment:
         config, task, scale = self.config, self.task, self.scale
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        self.teacher = task.teacher(scale, progress=self.progress)
+        if self.teacher is None:
+            self.teacher = task.teacher(scale, progress=self.progress)
         dense = self.evaluate(self.teacher, "test")
         baseline = task.baseline(split="test", scale=scale)
         reference = {"dense": dense["value"], "baseline": baseline[task.metric],
