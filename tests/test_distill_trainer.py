@@ -156,3 +156,15 @@ def test_finetune_cli_writes_a_sparse_model_and_metrics(tmp_path):
 
     _assert_mask_kept(MptForCausalLM.from_pretrained(out), start_masks)
     assert Path(out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("make, rows", [(tiny_mpt, causal_rows), (tiny_t5, seq2seq_rows)])
+def test_ce_component_equals_the_models_own_loss(tmp_path, make, rows):
+    model = make()
+    batch = stack_rows(rows()[:4])
+    trainer = SparseTrainer(model, training_args(tmp_path), loss="CE", train_dataset=rows(),
+                            data_collator=stack_rows)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
