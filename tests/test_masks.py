@@ -44,9 +44,15 @@ def test_non_numeric_sparsity_raises_type_error(bad):
         validate_sparsity(bad)
 
 
-@pytest.mark.parametrize("nm", [(4, 2), (2, 2), (0, 4), (-1, 4), (2,), (2.0, 4), "2:4"])
+@pytest.mark.parametrize("nm", [(4, 2), (2, 2), (0, 4), (-1, 4), (2,)])
 def test_bad_nm_raises_naming_the_argument(nm):
     with pytest.raises(ValueError, match="nm"):
+        validate_nm(nm)
+
+
+@pytest.mark.parametrize("nm", [(2.0, 4), "2:4", (True, 4), 2])
+def test_nm_of_the_wrong_type_raises_type_error(nm):
+    with pytest.raises(TypeError, match="nm"):
         validate_nm(nm)
 
 
