@@ -276,3 +276,27 @@ def test_decoder_positions_without_labels_do_not_enter_the_statistics():
     prune_model(b, padded, "sparsegpt", 0.5, progress=False)
     for (name, la), (_, lb) in zip(prunable_linears(a), prunable_linears(b)):
         torch.testing.assert_close(la.weight, lb.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_magnitude_needs_no_calibration_data_and_runs_no_forward(scope):
+    dense, model = dense_model("llama"), dense_model("llama")
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    report = prune_model(model, None, "magnitude", 0.5, scope=scope, progress=False)
+    assert not calls  # no forward pass: no statistics, no Hessian
+    assert bool(report["rel_error"].isna().all())
+    expected = dict(prunable_linears(dense))
+    for name, linear in prunable_linears(model):
+        assert list(report["layer"]).count(name) == 1
+        W = weight_out_in(expected[name])
+        assert torch.equal(weight_out_in(linear), magnitude_prune(W, 0.5, scope=scope)[0]), name
+
+
+def test_magnitude_with_calibration_data_measures_its_error_with_the_same_masks():
+    a, b = dense_model("mpt"), dense_model("mpt")
+    measured = prune_model(a, text_batches(True), "magnitude", 0.5, scope="layer", progress=False)
+    blind = prune_model(b, None, "magnitude", 0.5, scope="layer", progress=False)
+    assert bool(measured["rel_error"].between(0, 1).all()) and bool(blind["rel_error"].isna().all())
+    for (name, la), (_, lb) in zip(prunable_linears(a), prunable_linears(b)):
+        assert torch.equal(la.weight, lb.weight), name
