@@ -154,6 +154,18 @@ def _calibration(args, model) -> tuple[list[dict], object]:
     return batches, tokenizer if hasattr(tokenizer, "save_pretrained") else None
 
 
+def _check_prune_arguments(args) -> None:
+    """The numbers of the command line, checked before the model is loaded."""
+    from sparsekit import _validate
+
+    _validate.sparsity(args.sparsity, "--sparsity")
+    if args.nm is not None:
+        _validate.nm_pair(args.nm, "--nm")
+    for option in ("n_calib", "seq_len", "batch_size", "blocksize"):
+        _validate.integer(getattr(args, option), "--" + option.replace("_", "-"), low=1)
+    _validate.real(args.percdamp, "--percdamp", low=0.0, allowed="a finite number >= 0")
+
+
 def _saved_tokenizer(path: str):
     """The model's own tokenizer to save beside it, when it has one (None otherwise)."""
     from transformers import AutoTokenizer
@@ -170,6 +182,7 @@ def run_prune(args) -> int:
     from sparsekit.masks import sparsity_report
     from sparsekit.prune import prune_model
 
+    _check_prune_arguments(args)
     if args.calib is None and args.method != "magnitude":
         raise ValueError(f"--calib is required for --method {args.method} (only magnitude needs no "
                          "calibration data)")

@@ -43,7 +43,8 @@ def dense_mask(W: torch.Tensor, mask: torch.Tensor | None, name: str = "mask") -
     """The kept positions: ``mask`` if given (bool, W's shape, no non-zero outside it), else ``W != 0``."""
     if mask is None:
         return W != 0
-    if not isinstance(mask, torch.Tensor) or mask.shape != W.shape or mask.dtype != torch.bool:
+    _validate.tensor(mask, name, what=f"a bool tensor of shape {tuple(W.shape)} (True = kept) or None")
+    if mask.shape != W.shape or mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor of shape {tuple(W.shape)}, got "
                          f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
     mask = mask.to(W.device)
