@@ -300,3 +300,23 @@ def test_magnitude_with_calibration_data_measures_its_error_with_the_same_masks(
     assert bool(measured["rel_error"].between(0, 1).all()) and bool(blind["rel_error"].isna().all())
     for (name, la), (_, lb) in zip(prunable_linears(a), prunable_linears(b)):
         assert torch.equal(la.weight, lb.weight), name
+
+
+def test_a_new_solver_is_one_table_entry_and_receives_quant_and_its_options(monkeypatch):
+    from sparsekit.prune import SOLVERS, Solver
+
+    seen = []
+
+    def halve(W, stats, sparsity, nm, name, quant, strength):
+        seen.append((name, stats.tokens, quant, strength))
+        return magnitude_prune(W, sparsity, nm)
+
+    monkeypatch.setitem(SOLVERS, "halve", Solver(halve, needs_calibration=True,
+                                                 options={"quant": None, "strength": 1}))
+    model = dense_model("mpt")
+    report = prune_model(model, text_batches(False), "halve", 0.5, quant={"bits": 4}, strength=2,
+                         progress=False)
+    assert [name for name, *_ in seen] == list(report["layer"]) == [n for n, _ in prunable_linears(model)]
+    assert all(tokens > 0 and quant == {"bits": 4} and strength == 2 for _, tokens, quant, strength in seen)
+    with pytest.raises(TypeError, match="method 'halve' takes no option.*'scope'.*it takes"):
+        prune_model(dense_model("mpt"), text_batches(False), "halve", 0.5, scope="row", progress=False)
