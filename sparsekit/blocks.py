@@ -102,6 +102,7 @@ def capture_linear_inputs(model: nn.Module, linear: nn.Linear, batches, max_toke
     """
     import torch
 
+    max_tokens = _validate.integer(max_tokens, "max_tokens", low=1)
     seen: list = []
 
     def record(_module, inputs):

@@ -58,6 +58,7 @@ def nm_sparsity(nm: tuple[int, int]) -> float:
 
 def is_nm_mask(mask: torch.Tensor, nm: tuple[int, int]) -> bool:
     """True when every group of ``m`` consecutive inputs of every row keeps at most ``n`` weights."""
+    _validate.tensor(mask, "mask", what="a bool tensor [..., in]")
     n, m = validate_nm(nm, mask.shape[-1])
     groups = mask.reshape(*mask.shape[:-1], -1, m)
     return bool((groups.sum(-1) <= n).all())

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sparsekit import tasks
+from sparsekit.blocks import capture_linear_inputs
 from sparsekit.cli import main, text_calibration_batches
 from sparsekit.formats import BitmaskWeight, NMWeight, compress, save_sparse
 from sparsekit.masks import (
@@ -132,6 +133,10 @@ CASES = [
     ("validate_nm bool entry", lambda: validate_nm((True, 4)), TypeError, "nm"),
     ("nm_sparsity n > m", lambda: nm_sparsity((4, 2)), ValueError, "nm"),
     ("is_nm_mask m not dividing", lambda: is_nm_mask(W != 0, (2, 3)), ValueError, "nm"),
+    ("is_nm_mask mask a list", lambda: is_nm_mask((W != 0).tolist(), (2, 4)), TypeError, "mask"),
+    ("capture_linear_inputs max_tokens 0",
+     lambda: capture_linear_inputs(model(), model().model.layers[0].mlp.up_proj, batches(), max_tokens=0),
+     ValueError, "max_tokens"),
     ("sparsity_report targets a plain string", lambda: sparsity_report(model(), "mlp.up_proj"), TypeError,
      "targets"),
     ("freeze_masks targets of non-strings", lambda: freeze_masks(model(), [1]), TypeError, "targets"),
