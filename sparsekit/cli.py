@@ -1,9 +1,10 @@
 """The ``sparsekit`` command.
 
-``sparsekit prune MODEL --calib SOURCE --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
+``sparsekit prune MODEL [--calib SOURCE] --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
 Hugging Face model (a local path, or a hub id when online) one shot, saves it with ``save_pretrained``
-(safetensors) and prints the sparsity report. ``sparsekit book ...`` runs the book driver
-(:mod:`sparsekit.book`).
+(safetensors) and prints the sparsity report; ``--calib`` is needed by every method but magnitude.
+Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unusable (``HessianError``).
+``sparsekit book ...`` runs the book driver (:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
 ``finetune`` (sparse fine-tuning) and ``bench`` (kernel benchmarks) are added there by their issues.
