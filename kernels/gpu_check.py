@@ -1,0 +1,797 @@
+"""GPU check of the Triton kernels: versions, correctness at LLM shapes, timings against cuBLAS and torch 2:4.
+
+Run by ``kernels/gpu_check.sh`` on a machine with a CUDA GPU, within ``--budget-s`` (default 450 s):
+
+1. prints Python, torch, Triton, CUDA, GPU and driver, and stops (exit 3) naming any Triton/torch API the
+   kernels need that this machine's versions lack;
+2. correctness of every kernel (bitmask and N:M 2:4, 4:8, 16:32; fp16, bf16, int8 and int4 values with
+   group scales) at 4096x4096, 11008x4096 and 14336x4096 (out x in), batch 1 and 16, against
+   ``F.linear`` on the dense (dequantized) weight in fp32;
+3. timings (CUDA graphs of back-to-back calls, CUDA events, after warm-up and autotuning; the weight is
+   rotated among copies that together exceed twice the L2 cache, so each call reads it from HBM) for
+   batch 1, 4, 16, 64: torch dense fp16 and bf16 (cuBLAS), torch's ``to_sparse_semi_structured`` 2:4
+   (cuSPARSELt or CUTLASS), and the Triton kernels at 50/70/80/90% unstructured and 2:4 (fp16, and int4
+   with group size 128), each with its achieved bandwidth (bytes of weight + x + y per second) against
+   the card's peak;
+4. writes ``kernels/results/gpu-<gpu name>.json`` (GPU, driver, torch and Triton versions, date).
+
+``--dry-run`` runs on CPU under Triton's interpreter: every tile configuration of both kernels and every
+kernel variant on one small shape, the timing code on that shape (perf_counter, not a measurement), and
+writes a JSON with ``"device": "cpu-interpreter"`` (default ``kernels/results/dry-run.json``, git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import types
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ((11008, 4096), (4096, 4096), (14336, 4096))  # (out, in); the goals' shape first
+BATCHES = (1, 4, 16, 64)
+SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+GROUP_SIZE = 128
+DRY_SHAPE, DRY_BATCHES, DRY_SPARSITIES = (64, 256), (1, 4), (0.7,)
+# Peak HBM bandwidth (GB/s) of common cards, when torch cannot report the memory clock and bus width.
+KNOWN_PEAK_GBS = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 PCIe": 2000,
+    "H100 NVL": 3900,
+    "H100": 3350,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,
+    "L40S": 864,
+    "A10": 600,
+}
+
+REQUIRED_API = {
+    "triton": ("jit", "autotune", "Config", "cdiv", "next_power_of_2"),
+    "triton.language": (
+        "program_id",
+        "arange",
+        "zeros",
+        "load",
+        "store",
+        "atomic_add",
+        "cumsum",
+        "dot",
+        "trans",
+        "where",
+        "sum",
+        "cdiv",
+        "constexpr",
+        "float32",
+        "int32",
+    ),
+}
+CUDA_API = {"torch.cuda": ("Event", "CUDAGraph", "graph", "Stream", "synchronize", "get_device_properties")}
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def stub_missing_modules() -> list[str]:
+    """sparsekit imports safetensors (file I/O) and tqdm (progress bars), which this check never uses; a GPU
+    machine without them gets inert stand-ins so that the kernels import."""
+    stubbed = []
+    if importlib.util.find_spec("tqdm") is None:
+        tqdm, auto = types.ModuleType("tqdm"), types.ModuleType("tqdm.auto")
+        auto.tqdm = tqdm.tqdm = lambda iterable=None, *args, **kwargs: iterable
+        tqdm.auto = auto
+        sys.modules.update({"tqdm": tqdm, "tqdm.auto": auto})
+        stubbed.append("tqdm")
+    if importlib.util.find_spec("safetensors") is None:
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError("safetensors is not installed on this machine")
+
+        st, st_torch = types.ModuleType("safetensors"), types.ModuleType("safetensors.torch")
+        st.safe_open = st_torch.save_file = st_torch.load_file = unavailable
+        st.torch = st_torch
+        sys.modules.update({"safetensors": st, "safetensors.torch": st_torch})
+        stubbed.append("safetensors")
+    return stubbed
+
+
+def missing_api(api: dict) -> list[str]:
+    missing = []
+    for module_name, names in api.items():
+        module = importlib.import_module(module_name)
+        missing += [f"{module_name}.{name}" for name in names if not hasattr(module, name)]
+    return missing
+
+
+def gpu_info(torch) -> dict:
+    """GPU name, driver, memory, L2 size, peak bandwidth (and where it came from)."""
+    props = torch.cuda.get_device_properties(0)
+    info = {
+        "gpu": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "sms": props.multi_processor_count,
+        "l2_bytes": getattr(props, "L2_cache_size", 50 * 2**20),
+        "driver": "unknown",
+    }
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            info["driver"] = out.stdout.strip().splitlines()[0]
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        info["peak_bandwidth_gbs"] = round(2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, 1)
+        info["peak_bandwidth_source"] = "2 x memory clock x bus width (torch device properties)"
+    else:
+        match = next((k for k in KNOWN_PEAK_GBS if k.lower() in props.name.lower()), None)
+        info["peak_bandwidth_gbs"] = KNOWN_PEAK_GBS.get(match)
+        info["peak_bandwidth_source"] = f"datasheet value for {match}" if match else "unknown"
+    return info
+
+
+# ------------------------------------------------------------------------------------------- kernels
+@dataclasses.dataclass
+class Variant:
+    name: str
+    format: str  # "bitmask" | "nm"
+    sparsity: float = 0.0  # unstructured (bitmask)
+    nm: tuple | None = None
+    dtype: str = "float16"  # x (and float values) dtype
+    bits: int | None = None  # None (fp16/bf16 values), 8 or 4
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+
+
+def correctness_variants() -> list[Variant]:
+    return [
+        Variant("bitmask-fp16", "bitmask", 0.7),
+        Variant("bitmask-bf16", "bitmask", 0.7, dtype="bfloat16"),
+        Variant("bitmask-int8", "bitmask", 0.7, bits=8),
+        Variant("bitmask-int4", "bitmask", 0.7, bits=4),
+        Variant("nm2:4-fp16", "nm", nm=(2, 4)),
+        Variant("nm2:4-bf16", "nm", nm=(2, 4), dtype="bfloat16"),
+        Variant("nm4:8-fp16", "nm", nm=(4, 8)),
+        Variant("nm16:32-fp16", "nm", nm=(16, 32)),
+        Variant("nm2:4-int8", "nm", nm=(2, 4), bits=8),
+        Variant("nm2:4-int4", "nm", nm=(2, 4), bits=4),
+    ]
+
+
+def timing_variants(sparsities) -> list[Variant]:
+    return [Variant(f"bitmask-fp16-{round(s * 100)}%", "bitmask", s) for s in sparsities] + [
+        Variant("nm2:4-fp16", "nm", nm=(2, 4)),
+        Variant("nm2:4-int4", "nm", nm=(2, 4), bits=4),
+        Variant("bitmask-int4-70%", "bitmask", 0.7, bits=4),
+    ]
+
+
+class Op:
+    """One kernel on one weight: ``op(x)``, its dense reference, the bytes it streams, fresh copies."""
+
+    def __init__(self, variant: Variant, rows: int, cols: int, device, seed: int = 0):
+        import torch
+
+        from sparsekit.formats import BitmaskWeight, NMWeight
+        from sparsekit.kernels.triton_bitmask import BitmaskTiles
+        from sparsekit.kernels.triton_testing import quantize_sparse, random_sparse
+
+        self.variant, self.shape = variant, (rows, cols)
+        self.dtype = getattr(torch, variant.dtype)
+        W = random_sparse(
+            rows, cols, variant.sparsity, nm=variant.nm, dtype=torch.float32, device=device, seed=seed
+        )
+        if variant.bits is not None:
+            weight = quantize_sparse(W, variant.format, variant.bits, GROUP_SIZE, nm=variant.nm)
+            self.reference = weight.to_dense()
+        else:
+            W = W.to(self.dtype)
+            weight = (
+                BitmaskWeight.from_dense(W)
+                if variant.format == "bitmask"
+                else NMWeight.from_dense(W, variant.nm)
+            )
+            self.reference = W.float()
+        self.weight = BitmaskTiles.from_weight(weight) if variant.format == "bitmask" else weight
+        self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(self.weight))
+
+    def __call__(self, x, weight=None, config=None):
+        from sparsekit.kernels.triton_bitmask import bitmask_matmul
+        from sparsekit.kernels.triton_nm import nm_linear
+
+        weight = self.weight if weight is None else weight
+        if self.variant.format == "bitmask":
+            return bitmask_matmul(x, weight, config=config)
+        return nm_linear(x, weight, config=config)
+
+    def copies(self, count: int) -> list:
+        return [self.weight] + [_clone(self.weight) for _ in range(count - 1)]
+
+
+def _tensors(obj) -> list:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    fields = (
+        vars(obj).values()
+        if not dataclasses.is_dataclass(obj)
+        else [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    )
+    found = []
+    for value in fields:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif dataclasses.is_dataclass(value):
+            found += _tensors(value)
+    return found
+
+
+def _clone(obj):
+    """A copy of a weight object with every tensor cloned (new memory, same values)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(
+            obj,
+            **{
+                f.name: _clone(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if isinstance(getattr(obj, f.name), torch.Tensor)
+                or dataclasses.is_dataclass(getattr(obj, f.name))
+            },
+        )
+    copy = object.__new__(type(obj))
+    copy.__dict__.update(
+        {
+            k: v.clone() if isinstance(v, torch.Tensor) else v
+            for k, v in vars(obj).items()
+            if not k.startswith("_")
+        }
+    )
+    return copy
+
+
+def rel_err(y, reference) -> float:
+    return float((y.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def tolerance(dtype) -> float:
+    import torch
+
+    return 1e-2 if dtype == torch.float16 else 2e-2
+
+
+def make_x(batch: int, cols: int, dtype, device, seed: int = 1):
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, cols, generator=generator, device=device).to(dtype)
+
+
+# -------------------------------------------------------------------------------------------- timing
+class Timer:
+    """Microseconds per call of a list of calls (one per weight copy), after warm-up."""
+
+    def __init__(self, device: str, calls_per_graph: int = 60, replays: int = 8):
+        self.device, self.calls_per_graph, self.replays = device, calls_per_graph, replays
+
+    def __call__(self, calls) -> tuple[float, str]:
+        for call in calls:
+            call()
+        if self.device != "cuda":
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            return (time.perf_counter() - start) / len(calls) * 1e6, "cpu-perf-counter"
+        import torch
+
+        try:
+            return self._graph(torch, calls), "cuda-graph"
+        except Exception as error:  # a library whose call cannot be captured: time eager launches
+            print(f"    (CUDA graph capture failed: {type(error).__name__}: {error}; timing eager calls)")
+            torch.cuda.synchronize()
+            return self._eager(torch, calls), "cuda-events-eager"
+
+    def _events(self, torch, run, calls_per_run: int) -> float:
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls_per_run)
+        return statistics.median(times)
+
+    def _graph(self, torch, calls) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for call in calls:
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(self.calls_per_graph):
+                calls[i % len(calls)]()
+        graph.replay()
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(self.replays):
+                graph.replay()
+
+        return self._events(torch, run, self.replays * self.calls_per_graph)
+
+    def _eager(self, torch, calls) -> float:
+        count = self.replays * self.calls_per_graph
+
+        def run():
+            for i in range(count):
+                calls[i % len(calls)]()
+
+        return self._events(torch, run, count)
+
+
+def copy_bandwidth_gbs(torch) -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second (a practical peak)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 5
+    del src, dst
+    return round(2 * 2**30 / seconds / 1e9, 1)
+
+
+# ----------------------------------------------------------------------------------------------- run
+class Budget:
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.monotonic(), seconds
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed
+
+
+def dry_run_configs(device) -> list[dict]:
+    """Every tile configuration of both kernels, each on the dry-run shape at a batch of its regime."""
+    import torch
+
+    from sparsekit.kernels.triton_bitmask import CONFIGS as BITMASK_CONFIGS
+    from sparsekit.kernels.triton_nm import CONFIGS as NM_CONFIGS
+
+    batch_of = {1: 1, 16: 5, 32: 20, 64: 40, 128: 70}
+    rows, cols = DRY_SHAPE
+    results = []
+    for variant, configs in (
+        (Variant("bitmask-fp16", "bitmask", 0.7), BITMASK_CONFIGS),
+        (Variant("nm2:4-fp16", "nm", nm=(2, 4)), NM_CONFIGS),
+    ):
+        op = Op(variant, rows, cols, device)
+        for config in configs:
+            batch = batch_of[config.kwargs["BLOCK_M"]]
+            x = make_x(batch, cols, torch.float16, device)
+            err = rel_err(op(x, config=config), torch.nn.functional.linear(x.float(), op.reference))
+            results.append(
+                {
+                    "kernel": variant.name,
+                    "config": str(config),
+                    "batch": batch,
+                    "max_rel_err": err,
+                    "ok": err <= tolerance(torch.float16),
+                }
+            )
+    return results
+
+
+def check_correctness(shapes, batches, device, budget: Budget, skipped: list) -> list[dict]:
+    import torch
+
+    from sparsekit.kernels.triton_launch import _config
+
+    fixed = {"decode": _config(1, 32, 4, 4, 2), "small": _config(16, 64, 2, 4, 3)}
+    results = []
+    for rows, cols in shapes:
+        for variant in correctness_variants():
+            if budget.left() < budget.seconds * 0.6:
+                skipped.append(
+                    f"correctness {variant.name} {rows}x{cols}: over the correctness share of the budget"
+                )
+                continue
+            try:
+                op = Op(variant, rows, cols, device)
+            except Exception as error:
+                results.append(_error_row(variant.name, (rows, cols), None, error))
+                continue
+            for batch in batches:
+                config = fixed["decode" if batch == 1 else "small"]
+                if variant.format == "nm":
+                    config = type(config)(
+                        dict(config.kwargs, BLOCK_K=128),
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                    )
+                try:
+                    x = make_x(batch, cols, op.dtype, device)
+                    err = rel_err(op(x, config=config), torch.nn.functional.linear(x.float(), op.reference))
+                    row = {
+                        "kernel": variant.name,
+                        "shape": [rows, cols],
+                        "batch": batch,
+                        "max_rel_err": err,
+                        "tol": tolerance(op.dtype),
+                        "ok": err <= tolerance(op.dtype),
+                        "error": None,
+                    }
+                except Exception as error:
+                    row = _error_row(variant.name, (rows, cols), batch, error)
+                results.append(row)
+                print(
+                    f"  {variant.name:14s} {rows:>5}x{cols:<5} batch {batch:>3}: "
+                    + (
+                        f"max rel err {row['max_rel_err']:.2e} {'ok' if row['ok'] else 'FAIL'}"
+                        if row["error"] is None
+                        else f"ERROR {row['error']}"
+                    )
+                )
+            del op
+    return results
+
+
+def _error_row(name, shape, batch, error) -> dict:
+    return {
+        "kernel": name,
+        "shape": list(shape),
+        "batch": batch,
+        "max_rel_err": None,
+        "tol": None,
+        "ok": False,
+        "error": f"{type(error).__name__}: {str(error)[:300]}",
+    }
+
+
+def time_all(shapes, batches, sparsities, device, budget: Budget, skipped: list, info: dict) -> list[dict]:
+    """Time every method on every shape and batch (the goals' shape first), within the budget."""
+    import torch
+
+    timer, entries = Timer(device), []
+    for rows, cols in shapes:
+        dense = {
+            dt: torch.randn(rows, cols, device=device).div_(cols**0.5).to(dt)
+            for dt in (torch.float16, torch.bfloat16)
+        }
+        ops = {}
+        for variant in timing_variants(sparsities):
+            try:
+                ops[variant.name] = Op(variant, rows, cols, device)
+            except Exception as error:
+                skipped.append(f"{variant.name} {rows}x{cols}: {type(error).__name__}: {error}")
+        semi = _semi_structured(torch, ops.get("nm2:4-fp16"), skipped)
+        for batch in batches:
+            if budget.left() < 20:
+                skipped.append(f"timings {rows}x{cols} batch {batch}: time budget spent")
+                continue
+            entries += time_batch(timer, batch, dense, ops, semi, info, budget, skipped)
+        del ops, dense, semi
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return entries
+
+
+def time_batch(timer, batch, dense, ops, semi, info, budget, skipped) -> list[dict]:
+    """One shape and batch: dense fp16/bf16, torch 2:4, then each Triton kernel (checked after autotuning)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = dense[torch.float16].shape
+    device = dense[torch.float16].device
+    l2, peak = info.get("l2_bytes", 0), info.get("peak_bandwidth_gbs")
+    x = {dt: make_x(batch, cols, dt, device) for dt in dense}
+    io_bytes = batch * cols * 2 + batch * rows * 2
+    entries = []
+
+    def record(method, pattern, sparsity, bits, dtype, calls, nbytes, err=None):
+        us, how = timer(calls)
+        gbs = (nbytes + io_bytes) / (us * 1e-6) / 1e9
+        dense_us = entries[0]["us"] if entries else us
+        entries.append(
+            {
+                "shape": [rows, cols],
+                "batch": batch,
+                "method": method,
+                "pattern": pattern,
+                "sparsity": sparsity,
+                "bits": bits,
+                "dtype": dtype,
+                "us": us,
+                "bytes": nbytes + io_bytes,
+                "gbs": gbs,
+                "bw_frac": gbs / peak if peak else None,
+                "timer": how,
+                "max_rel_err": err,
+                "speedup_vs_dense_fp16": dense_us / us,
+            }
+        )
+        print(
+            f"  {rows:>5}x{cols:<5} b{batch:<3} {method:24s} {us:9.1f} us {gbs:8.1f} GB/s  "
+            f"x{dense_us / us:.2f} vs dense fp16"
+        )
+
+    for dt, name in ((torch.float16, "dense-fp16"), (torch.bfloat16, "dense-bf16")):
+        nbytes = dense[dt].numel() * 2
+        weights = [dense[dt]] + [dense[dt].clone() for _ in range(_n_copies(nbytes, l2) - 1)]
+        record(
+            name,
+            "dense",
+            0.0,
+            16,
+            str(dt).split(".")[-1],
+            [lambda w=w, xx=x[dt]: F.linear(xx, w) for w in weights],
+            nbytes,
+        )
+    if semi is not None:
+        op, packed, nbytes = semi
+        xx = x[torch.float16]
+        try:
+            err = rel_err(F.linear(xx, packed[0]), F.linear(xx.float(), op.reference))
+            record(
+                "torch-2:4",
+                "2:4",
+                0.5,
+                16,
+                "float16",
+                [lambda w=w: F.linear(xx, w) for w in packed],
+                nbytes,
+                err,
+            )
+        except Exception as error:
+            skipped.append(f"torch-2:4 {rows}x{cols} batch {batch}: {type(error).__name__}: {error}")
+    for name, op in ops.items():
+        if budget.left() < 20:
+            skipped.append(f"{name} {rows}x{cols} batch {batch}: time budget spent")
+            continue
+        xx = x[op.dtype]
+        try:
+            err = rel_err(op(xx), F.linear(xx.float(), op.reference))  # the first call autotunes
+            weights = op.copies(_n_copies(op.nbytes, l2))
+            variant = op.variant
+            sparsity = variant.sparsity if variant.format == "bitmask" else 1 - variant.nm[0] / variant.nm[1]
+            record(
+                f"triton-{name}",
+                variant.pattern,
+                sparsity,
+                variant.bits or 16,
+                variant.dtype,
+                [lambda w=w, op=op, xx=xx: op(xx, w) for w in weights],
+                op.nbytes,
+                err,
+            )
+        except Exception as error:
+            skipped.append(f"{name} {rows}x{cols} batch {batch}: {type(error).__name__}: {error}")
+            print(f"  {name}: ERROR {type(error).__name__}: {error}")
+    return entries
+
+
+def _n_copies(nbytes: int, l2_bytes: int) -> int:
+    """Copies of a weight so that one round through them streams at least twice the L2 cache."""
+    return max(1, min(64, math.ceil(2 * l2_bytes / max(nbytes, 1))))
+
+
+def _semi_structured(torch, op, skipped):
+    """(op, [torch 2:4 weights], bytes) for torch's ``to_sparse_semi_structured``, or None."""
+    if op is None or not torch.cuda.is_available() or op.reference.device.type != "cuda":
+        skipped.append("torch-2:4: needs a CUDA GPU")
+        return None
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        W = op.reference.to(torch.float16)
+        first = to_sparse_semi_structured(W)
+        nbytes = sum(
+            t.numel() * t.element_size()
+            for t in (getattr(first, "packed", None), getattr(first, "meta", None))
+            if isinstance(t, torch.Tensor)
+        )
+        copies = [first] + [
+            to_sparse_semi_structured(W.clone())
+            for _ in range(_n_copies(nbytes, torch.cuda.get_device_properties(0).L2_cache_size) - 1)
+        ]
+        return op, copies, nbytes
+    except Exception as error:
+        skipped.append(f"torch-2:4: {type(error).__name__}: {error}")
+        return None
+
+
+def evaluate_goals(timings: list[dict], shape, peak) -> list[dict]:
+    """The issue's goals at batch 1 on ``shape`` (fp16), from the recorded timings."""
+
+    def speedup(method):
+        row = next(
+            (r for r in timings if r["shape"] == list(shape) and r["batch"] == 1 and r["method"] == method),
+            None,
+        )
+        return (row or {}).get("speedup_vs_dense_fp16"), row
+
+    goals = []
+    for method, target, what in (
+        ("triton-bitmask-fp16-70%", 1.5, "70% unstructured vs cuBLAS fp16"),
+        ("triton-bitmask-fp16-90%", 2.5, "90% unstructured vs cuBLAS fp16"),
+        ("triton-nm2:4-fp16", 1.3, "2:4 vs cuBLAS fp16"),
+        ("triton-nm2:4-int4", 4.0, "2:4 + int4 vs cuBLAS fp16"),
+    ):
+        value, _ = speedup(method)
+        goals.append(
+            {
+                "goal": f"batch 1, {shape[0]}x{shape[1]}: {what}",
+                "target": f">= {target}x",
+                "measured": value,
+                "met": value is not None and value >= target,
+            }
+        )
+    torch24, _ = speedup("torch-2:4")
+    ours24, _ = speedup("triton-nm2:4-fp16")
+    goals.append(
+        {
+            "goal": f"batch 1, {shape[0]}x{shape[1]}: 2:4 ahead of torch's 2:4",
+            "target": "> torch-2:4",
+            "measured": ours24,
+            "reference": torch24,
+            "met": ours24 is not None and torch24 is not None and ours24 > torch24,
+        }
+    )
+    _, row = speedup("triton-bitmask-fp16-70%")
+    frac = row.get("bw_frac") if row else None
+    goals.append(
+        {
+            "goal": f"batch 1, {shape[0]}x{shape[1]}: bandwidth at 70% sparsity",
+            "target": ">= 0.70 of peak",
+            "measured": frac,
+            "met": frac is not None and frac >= 0.7,
+            "peak_gbs": peak,
+        }
+    )
+    return goals
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, one small shape")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: kernels/results/...)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="stop timing after this many seconds")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+    budget = Budget(args.budget_s)
+    stubbed = stub_missing_modules()
+    import torch
+    import triton
+
+    print(
+        f"python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}  "
+        f"cuda {torch.version.cuda}  cuda available: {torch.cuda.is_available()}"
+    )
+    if stubbed:
+        print(f"(not installed here, replaced by inert stand-ins: {', '.join(stubbed)})")
+    device = "cpu" if args.dry_run else "cuda"
+    missing = missing_api(REQUIRED_API | ({} if args.dry_run else CUDA_API))
+    if missing:
+        print(
+            f"gpu_check: this machine's torch {torch.__version__} / Triton {triton.__version__} lack "
+            f"{', '.join(missing)}, which the kernels need; stopping."
+        )
+        return 3
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device is visible to torch; run with --dry-run on a CPU machine.")
+        return 2
+    info = (
+        gpu_info(torch)
+        if device == "cuda"
+        else {
+            "gpu": "cpu-interpreter",
+            "driver": None,
+            "peak_bandwidth_gbs": None,
+            "peak_bandwidth_source": None,
+        }
+    )
+    print(
+        f"device: {info['gpu']}  driver {info['driver']}  peak {info['peak_bandwidth_gbs']} GB/s "
+        f"({info['peak_bandwidth_source']})"
+    )
+    if device == "cuda":
+        info["copy_bandwidth_gbs"] = copy_bandwidth_gbs(torch)
+        print(f"device copy bandwidth: {info['copy_bandwidth_gbs']} GB/s")
+    torch.manual_seed(0)
+    skipped: list[str] = []
+    result = {
+        "device": "cuda" if device == "cuda" else "cpu-interpreter",
+        **info,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "group_size": GROUP_SIZE,
+        "stand_ins": stubbed,
+    }
+    shapes = [DRY_SHAPE] if args.dry_run else list(SHAPES)
+    if args.dry_run:
+        print("every tile configuration under the interpreter:")
+        result["configs"] = dry_run_configs(device)
+        print(f"  {sum(r['ok'] for r in result['configs'])}/{len(result['configs'])} configurations ok")
+    print("correctness:")
+    result["correctness"] = check_correctness(
+        shapes, (1, 16) if not args.dry_run else (1, 5), device, budget, skipped
+    )
+    print("timings:" + (" (interpreter: exercises the code, not a measurement)" if args.dry_run else ""))
+    result["timings"] = time_all(
+        shapes,
+        DRY_BATCHES if args.dry_run else BATCHES,
+        DRY_SPARSITIES if args.dry_run else SPARSITIES,
+        device,
+        budget,
+        skipped,
+        info,
+    )
+    goal_shape = DRY_SHAPE if args.dry_run else SHAPES[0]
+    result["goals"] = evaluate_goals(result["timings"], goal_shape, info.get("peak_bandwidth_gbs"))
+    if args.dry_run:
+        result["goals_note"] = (
+            "interpreter timings on a small shape: the goals are not evaluated by a dry run"
+        )
+    else:
+        for goal in result["goals"]:
+            print(
+                f"  goal {goal['goal']}: target {goal['target']}, measured {goal['measured']}, "
+                f"{'met' if goal['met'] else 'NOT met'}"
+            )
+    result["skipped"] = skipped
+    result["elapsed_s"] = round(budget.elapsed, 1)
+    failures = [r for r in result["correctness"] + result.get("configs", []) if not r["ok"]]
+    result["all_correct"] = not failures
+    out = args.out or ROOT / "kernels" / "results" / (
+        "dry-run.json"
+        if args.dry_run
+        else f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', info['gpu']).strip('-')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(
+        f"wrote {out} ({result['elapsed_s']} s; {len(failures)} correctness failure(s); "
+        f"{len(skipped)} skipped)"
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
