@@ -23,7 +23,6 @@ writes a JSON with ``"device": "cpu-interpreter"`` (default ``kernels/results/dr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -145,147 +144,15 @@ def gpu_info(torch) -> dict:
     return info
 
 
-# ------------------------------------------------------------------------------------------- kernels
-@dataclasses.dataclass
-class Variant:
-    name: str
-    format: str  # "bitmask" | "nm"
-    sparsity: float = 0.0  # unstructured (bitmask)
-    nm: tuple | None = None
-    dtype: str = "float16"  # x (and float values) dtype
-    bits: int | None = None  # None (fp16/bf16 values), 8 or 4
+# --------------------------------------------------------------------------------------------- kernels
+def timing_variants(sparsities) -> list:
+    from sparsekit.kernels.triton_testing import Variant
 
-    @property
-    def pattern(self) -> str:
-        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
-
-
-def correctness_variants() -> list[Variant]:
-    return [
-        Variant("bitmask-fp16", "bitmask", 0.7),
-        Variant("bitmask-bf16", "bitmask", 0.7, dtype="bfloat16"),
-        Variant("bitmask-int8", "bitmask", 0.7, bits=8),
-        Variant("bitmask-int4", "bitmask", 0.7, bits=4),
-        Variant("nm2:4-fp16", "nm", nm=(2, 4)),
-        Variant("nm2:4-bf16", "nm", nm=(2, 4), dtype="bfloat16"),
-        Variant("nm4:8-fp16", "nm", nm=(4, 8)),
-        Variant("nm16:32-fp16", "nm", nm=(16, 32)),
-        Variant("nm2:4-int8", "nm", nm=(2, 4), bits=8),
-        Variant("nm2:4-int4", "nm", nm=(2, 4), bits=4),
-    ]
-
-
-def timing_variants(sparsities) -> list[Variant]:
     return [Variant(f"bitmask-fp16-{round(s * 100)}%", "bitmask", s) for s in sparsities] + [
         Variant("nm2:4-fp16", "nm", nm=(2, 4)),
         Variant("nm2:4-int4", "nm", nm=(2, 4), bits=4),
         Variant("bitmask-int4-70%", "bitmask", 0.7, bits=4),
     ]
-
-
-class Op:
-    """One kernel on one weight: ``op(x)``, its dense reference, the bytes it streams, fresh copies."""
-
-    def __init__(self, variant: Variant, rows: int, cols: int, device, seed: int = 0):
-        import torch
-
-        from sparsekit.formats import BitmaskWeight, NMWeight
-        from sparsekit.kernels.triton_bitmask import BitmaskTiles
-        from sparsekit.kernels.triton_testing import quantize_sparse, random_sparse
-
-        self.variant, self.shape = variant, (rows, cols)
-        self.dtype = getattr(torch, variant.dtype)
-        W = random_sparse(
-            rows, cols, variant.sparsity, nm=variant.nm, dtype=torch.float32, device=device, seed=seed
-        )
-        if variant.bits is not None:
-            weight = quantize_sparse(W, variant.format, variant.bits, GROUP_SIZE, nm=variant.nm)
-            self.reference = weight.to_dense()
-        else:
-            W = W.to(self.dtype)
-            weight = (
-                BitmaskWeight.from_dense(W)
-                if variant.format == "bitmask"
-                else NMWeight.from_dense(W, variant.nm)
-            )
-            self.reference = W.float()
-        self.weight = BitmaskTiles.from_weight(weight) if variant.format == "bitmask" else weight
-        self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(self.weight))
-
-    def __call__(self, x, weight=None, config=None):
-        from sparsekit.kernels.triton_bitmask import bitmask_matmul
-        from sparsekit.kernels.triton_nm import nm_linear
-
-        weight = self.weight if weight is None else weight
-        if self.variant.format == "bitmask":
-            return bitmask_matmul(x, weight, config=config)
-        return nm_linear(x, weight, config=config)
-
-    def copies(self, count: int) -> list:
-        return [self.weight] + [_clone(self.weight) for _ in range(count - 1)]
-
-
-def _tensors(obj) -> list:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    fields = (
-        vars(obj).values()
-        if not dataclasses.is_dataclass(obj)
-        else [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    )
-    found = []
-    for value in fields:
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif dataclasses.is_dataclass(value):
-            found += _tensors(value)
-    return found
-
-
-def _clone(obj):
-    """A copy of a weight object with every tensor cloned (new memory, same values)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(
-            obj,
-            **{
-                f.name: _clone(getattr(obj, f.name))
-                for f in dataclasses.fields(obj)
-                if isinstance(getattr(obj, f.name), torch.Tensor)
-                or dataclasses.is_dataclass(getattr(obj, f.name))
-            },
-        )
-    copy = object.__new__(type(obj))
-    copy.__dict__.update(
-        {
-            k: v.clone() if isinstance(v, torch.Tensor) else v
-            for k, v in vars(obj).items()
-            if not k.startswith("_")
-        }
-    )
-    return copy
-
-
-def rel_err(y, reference) -> float:
-    return float((y.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
-
-
-def tolerance(dtype) -> float:
-    import torch
-
-    return 1e-2 if dtype == torch.float16 else 2e-2
-
-
-def make_x(batch: int, cols: int, dtype, device, seed: int = 1):
-    import torch
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(batch, cols, generator=generator, device=device).to(dtype)
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -390,6 +257,13 @@ def dry_run_configs(device) -> list[dict]:
 
     from sparsekit.kernels.triton_bitmask import CONFIGS as BITMASK_CONFIGS
     from sparsekit.kernels.triton_nm import CONFIGS as NM_CONFIGS
+    from sparsekit.kernels.triton_testing import (
+        KernelCase,
+        Variant,
+        make_x,
+        rel_err,
+        tolerance,
+    )
 
     batch_of = {1: 1, 16: 5, 32: 20, 64: 40, 128: 70}
     rows, cols = DRY_SHAPE
@@ -398,7 +272,7 @@ def dry_run_configs(device) -> list[dict]:
         (Variant("bitmask-fp16", "bitmask", 0.7), BITMASK_CONFIGS),
         (Variant("nm2:4-fp16", "nm", nm=(2, 4)), NM_CONFIGS),
     ):
-        op = Op(variant, rows, cols, device)
+        op = KernelCase(variant, rows, cols, device, group_size=GROUP_SIZE)
         for config in configs:
             batch = batch_of[config.kwargs["BLOCK_M"]]
             x = make_x(batch, cols, torch.float16, device)
@@ -419,6 +293,13 @@ def check_correctness(shapes, batches, device, budget: Budget, skipped: list) ->
     import torch
 
     from sparsekit.kernels.triton_launch import _config
+    from sparsekit.kernels.triton_testing import (
+        KernelCase,
+        correctness_variants,
+        make_x,
+        rel_err,
+        tolerance,
+    )
 
     fixed = {"decode": _config(1, 32, 4, 4, 2), "small": _config(16, 64, 2, 4, 3)}
     results = []
@@ -430,7 +311,7 @@ def check_correctness(shapes, batches, device, budget: Budget, skipped: list) ->
                 )
                 continue
             try:
-                op = Op(variant, rows, cols, device)
+                op = KernelCase(variant, rows, cols, device, group_size=GROUP_SIZE)
             except Exception as error:
                 results.append(_error_row(variant.name, (rows, cols), None, error))
                 continue
@@ -485,6 +366,10 @@ def time_all(shapes, batches, sparsities, device, budget: Budget, skipped: list,
     """Time every method on every shape and batch (the goals' shape first), within the budget."""
     import torch
 
+    from sparsekit.kernels.triton_testing import (
+        KernelCase,
+    )
+
     timer, entries = Timer(device), []
     for rows, cols in shapes:
         dense = {
@@ -494,7 +379,7 @@ def time_all(shapes, batches, sparsities, device, budget: Budget, skipped: list,
         ops = {}
         for variant in timing_variants(sparsities):
             try:
-                ops[variant.name] = Op(variant, rows, cols, device)
+                ops[variant.name] = KernelCase(variant, rows, cols, device, group_size=GROUP_SIZE)
             except Exception as error:
                 skipped.append(f"{variant.name} {rows}x{cols}: {type(error).__name__}: {error}")
         semi = _semi_structured(torch, ops.get("nm2:4-fp16"), skipped)
@@ -513,6 +398,11 @@ def time_batch(timer, batch, dense, ops, semi, info, budget, skipped) -> list[di
     """One shape and batch: dense fp16/bf16, torch 2:4, then each Triton kernel (checked after autotuning)."""
     import torch
     import torch.nn.functional as F
+
+    from sparsekit.kernels.triton_testing import (
+        make_x,
+        rel_err,
+    )
 
     rows, cols = dense[torch.float16].shape
     device = dense[torch.float16].device

@@ -104,9 +104,8 @@ def configs_for(with_block_k: bool) -> list[triton.Config]:
     bitmask kernel's ``BLOCK_K`` is its tiling's ``tile_k``."""
     bk_decode, bk_prefill = (128, 64) if with_block_k else (None, None)
     decode = [_config(1, bn, sk, 4, 2, bk_decode) for bn, sk in
-              ((16, 4), (16, 8), (32, 1), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4))]
-    small = [_config(16, bn, sk, 4, 3, bk_decode) for bn, sk in
-             ((32, 1), (32, 4), (64, 1), (64, 2), (128, 1))]
+              ((16, 8), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4))]
+    small = [_config(16, bn, sk, 4, 3, bk_decode) for bn, sk in ((32, 1), (32, 4), (64, 2), (128, 1))]
     prefill = [_config(bm, bn, 1, w, 3, bk_prefill) for bm, bn, w in
                ((32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8))]
     return decode + small + prefill

@@ -1,20 +1,26 @@
-"""Reference inputs for checking the Triton kernels (tests, ``kernels/gpu_check.py``, notebook 07).
+"""Reference inputs and checks for the Triton kernels (tests, ``kernels/gpu_check.py``, notebook 07).
 
-:func:`quantize_sparse` packs a pruned weight into the shared quantized-value spec by round to nearest
-(symmetric, one float16 scale per group of ``group_size`` inputs of a row) and returns the raw parts with
-their exact dense meaning, so that the kernels can be checked without any other quantizer.
+:func:`check_kernels` runs every kernel variant (:func:`correctness_variants`) on random pruned weights
+against ``F.linear`` on the dense weight. :func:`quantize_sparse` packs a pruned weight into the shared
+quantized-value spec by round to nearest (symmetric, one float16 scale per group of ``group_size`` inputs
+of a row) and returns the raw parts with their exact dense meaning, so that the kernels can be checked
+without any other quantizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from sparsekit.formats import BitmaskWeight, NMWeight
+from sparsekit.kernels.triton_bitmask import BitmaskTiles, bitmask_matmul
+from sparsekit.kernels.triton_nm import nm_linear
 from sparsekit.prune import magnitude_prune
 
-__all__ = ["QuantizedSparse", "quantize_sparse", "pack_nibbles", "random_sparse", "QMAX"]
+__all__ = ["QuantizedSparse", "quantize_sparse", "pack_nibbles", "random_sparse", "QMAX", "Variant",
+           "correctness_variants", "KernelCase", "check_kernels", "rel_err", "tolerance", "make_x"]
 
 QMAX = {8: 127, 4: 7}  # int4 q is in [-8, 7]; symmetric scaling uses [-7, 7]
 
@@ -102,3 +108,123 @@ def random_sparse(rows: int, cols: int, sparsity: float = 0.0, nm=None, dtype=to
     if nm is not None or sparsity > 0:
         W, _ = magnitude_prune(W, 1 - nm[0] / nm[1] if nm is not None else sparsity, nm=nm)
     return W.to(dtype)
+
+
+@dataclass
+class Variant:
+    """One kernel variant to check: format, pattern, x dtype and value bits."""
+
+    name: str
+    format: str                    # "bitmask" | "nm"
+    sparsity: float = 0.0          # unstructured (bitmask)
+    nm: tuple[int, int] | None = None
+    dtype: str = "float16"         # x (and float values) dtype
+    bits: int | None = None        # None (fp16/bf16 values), 8 or 4
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+
+
+def correctness_variants() -> list[Variant]:
+    """Every kernel: bitmask and N:M (2:4, 4:8, 16:32) with fp16, bf16, int8 and int4 values."""
+    return [Variant("bitmask-fp16", "bitmask", 0.7),
+            Variant("bitmask-bf16", "bitmask", 0.7, dtype="bfloat16"),
+            Variant("bitmask-int8", "bitmask", 0.7, bits=8), Variant("bitmask-int4", "bitmask", 0.7, bits=4),
+            Variant("nm2:4-fp16", "nm", nm=(2, 4)), Variant("nm2:4-bf16", "nm", nm=(2, 4), dtype="bfloat16"),
+            Variant("nm4:8-fp16", "nm", nm=(4, 8)), Variant("nm16:32-fp16", "nm", nm=(16, 32)),
+            Variant("nm2:4-int8", "nm", nm=(2, 4), bits=8), Variant("nm2:4-int4", "nm", nm=(2, 4), bits=4)]
+
+
+class KernelCase:
+    """One variant on a random pruned weight: ``case(x)`` runs the kernel; ``reference`` is the dense
+    (dequantized) fp32 weight; ``nbytes`` what the kernel streams; ``copies(n)`` fresh weight copies."""
+
+    def __init__(self, variant: Variant, rows: int, cols: int, device="cpu", seed: int = 0,
+                 group_size: int = 128):
+        self.variant, self.shape = variant, (rows, cols)
+        self.dtype = getattr(torch, variant.dtype)
+        W = random_sparse(rows, cols, variant.sparsity, nm=variant.nm, dtype=torch.float32, device=device,
+                          seed=seed)
+        if variant.bits is not None:
+            weight = quantize_sparse(W, variant.format, variant.bits, group_size, nm=variant.nm)
+            self.reference = weight.to_dense()
+        else:
+            W = W.to(self.dtype)
+            weight = BitmaskWeight.from_dense(W) if variant.format == "bitmask" else NMWeight.from_dense(
+                W, variant.nm)
+            self.reference = W.float()
+        self.weight = BitmaskTiles.from_weight(weight) if variant.format == "bitmask" else weight
+        self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(self.weight))
+
+    def __call__(self, x: torch.Tensor, weight=None, config=None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        if self.variant.format == "bitmask":
+            return bitmask_matmul(x, weight, config=config)
+        return nm_linear(x, weight, config=config)
+
+    def copies(self, count: int) -> list:
+        return [self.weight] + [_clone(self.weight) for _ in range(count - 1)]
+
+
+def check_kernels(shapes, batches, device="cpu", variants=None) -> list[dict]:
+    """Each variant on each ``(rows, cols)`` shape and batch against ``F.linear`` on the dense weight (fp32).
+
+    Rows: ``kernel``, ``shape``, ``batch``, ``max_rel_err`` (max |y - y_ref| / max |y_ref|), ``tol``, ``ok``.
+    """
+    rows_out = []
+    for rows, cols in shapes:
+        for variant in variants or correctness_variants():
+            case = KernelCase(variant, rows, cols, device)
+            for batch in batches:
+                x = make_x(batch, cols, case.dtype, device)
+                err = rel_err(case(x), torch.nn.functional.linear(x.float(), case.reference))
+                tol = tolerance(case.dtype)
+                rows_out.append({"kernel": variant.name, "shape": f"{rows}x{cols}", "batch": batch,
+                                 "max_rel_err": err, "tol": tol, "ok": err <= tol})
+    return rows_out
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a weight object (dataclass fields or attributes; nested dataclasses too)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = ([getattr(obj, f.name) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj)
+              else list(vars(obj).values()))
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif dataclasses.is_dataclass(value):
+            found += _tensors(value)
+    return found
+
+
+def _clone(obj):
+    """A copy of a weight object with every tensor cloned (new memory, same values)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if dataclasses.is_dataclass(obj):
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        changed = {name: _clone(value) for name, value in values.items()
+                   if isinstance(value, torch.Tensor) or dataclasses.is_dataclass(value)}
+        return dataclasses.replace(obj, **changed)
+    copy = object.__new__(type(obj))
+    copy.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()
+                          if not k.startswith("_")})  # not the cached tiling
+    return copy
+
+
+def rel_err(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max |y - reference| / max |reference|``."""
+    return float((y.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of a kernel's output in ``dtype`` (fp32 accumulation, output rounded once)."""
+    return 1e-2 if dtype == torch.float16 else 2e-2
+
+
+def make_x(batch: int, cols: int, dtype: torch.dtype, device="cpu", seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, cols, generator=generator, device=device).to(dtype)
