@@ -122,6 +122,15 @@ def test_sparse_linear_cuda_dispatch_runs_the_triton_kernels():
         _check(entry.run(x, weight), x, weight.to_dense())
 
 
+def test_fp32_values_run_with_fp16_x():
+    """SparseLinear keeps the values' dtype; an fp32-valued weight still runs (cast on chip)."""
+    W = random_sparse(64, 128, sparsity=0.7, dtype=torch.float32, seed=6)
+    x = _x(3, 128, torch.float16)
+    _check(dispatch.triton_linear(x, BitmaskWeight.from_dense(W)), x, W)
+    Wn = random_sparse(64, 128, nm=(2, 4), dtype=torch.float32, seed=6)
+    _check(dispatch.triton_linear(x, NMWeight.from_dense(Wn, nm=(2, 4))), x, Wn)
+
+
 def test_reference_packer():
     q = torch.tensor([[-8, 7, 3], [0, -1, 5]], dtype=torch.int8)
     assert pack_nibbles(q).tolist() == [[0x78, 0x03], [0xF0, 0x05]]
@@ -150,7 +159,7 @@ def test_invalid_inputs_raise():
     with pytest.raises(ValueError, match="tile_k must be one of"):
         tb.BitmaskTiles.from_weight(weight, tile_k=48)
     with pytest.raises(ValueError, match="values must have dtype"):
-        tb.BitmaskTiles.from_weight(BitmaskWeight.from_dense(W.float()))
+        tb.BitmaskTiles.from_parts((64, 128), weight.bitmask, weight.values.double(), weight.row_offsets)
     nm_weight = NMWeight.from_dense(random_sparse(64, 128, nm=(2, 4)), nm=(2, 4))
     with pytest.raises(ValueError, match="nm must be"):
         tnm.nm_matmul(x, nm_weight.bitmask, nm_weight.values, (64, 128), (2, 3))

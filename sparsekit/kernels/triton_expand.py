@@ -37,8 +37,8 @@ def load_weight(values_ptr, base, j, keep, scales_ptr, rn, cols, n_groups,
                 GROUP_SIZE: tl.constexpr, BITS: tl.constexpr):
     """The dense weight tile: ``values`` at stream position ``base + j`` where kept, else 0.
 
-    ``BITS`` 16: fp16/bf16 values, returned as stored. 8: int8 ``q``; 4: two ``q`` per byte, low nibble
-    first (position ``i`` is byte ``i // 2``); both returned as fp32 ``q · scale`` with
+    ``BITS`` 16: float values (fp16/bf16, or fp32), as stored. 8: int8 ``q``; 4: two ``q`` per byte, low
+    nibble first (position ``i`` is byte ``i // 2``); both returned as fp32 ``q · scale`` with
     ``scale = scales[n, col // GROUP_SIZE]``. ``base`` counts storage units (elements, or bytes for int4).
     """
     kept = keep != 0

@@ -24,7 +24,7 @@ __all__ = ["Quant", "quant_of", "check_x", "check_quant", "X_DTYPES", "FLOAT_VAL
            "configs_for", "prune_by_batch", "is_interpreted", "launch", "M_DECODE", "M_SMALL"]
 
 X_DTYPES = (torch.float16, torch.bfloat16)
-FLOAT_VALUE_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 values: correct, twice the bytes
 QUANT_VALUE_DTYPES = {8: torch.int8, 4: torch.uint8}
 M_DECODE, M_SMALL = 1, 16
 
