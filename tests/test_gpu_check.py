@@ -1,5 +1,6 @@
 """``kernels/gpu_check.sh``: valid bash, and its CPU dry run (Triton interpreter) checks every kernel."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ def test_gpu_check_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["device"] == "cpu-interpreter" and result["all_correct"]
+    assert result["device"] == "cpu-interpreter" and result["all_correct"] and result["complete"]
     for key in ("torch", "triton", "python", "date", "gpu", "driver"):
         assert key in result
     kernels = {row["kernel"] for row in result["correctness"]}
@@ -34,3 +35,11 @@ def test_gpu_check_dry_run(tmp_path):
     methods = {row["method"] for row in result["timings"]}
     assert {"dense-fp16", "dense-bf16", "triton-nm2:4-fp16", "triton-nm2:4-int4"} <= methods
     assert all(row["max_rel_err"] < 2e-2 for row in result["timings"] if row["method"].startswith("triton"))
+
+
+def test_missing_api_names_what_is_lacking():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "kernels" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.missing_api({"math": ("sqrt", "no_such_function")}) == ["math.no_such_function"]
+    assert gpu_check.n_copies(10, 100) == 20 and gpu_check.n_copies(10**9, 100) == 1
