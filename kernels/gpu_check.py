@@ -19,8 +19,9 @@ Run by ``kernels/gpu_check.sh`` on a machine with a CUDA GPU, within ``--budget-
 ``--dry-run`` runs on CPU under Triton's interpreter: every tile configuration of both kernels and every
 kernel variant on one small shape, the timing code on that shape (perf_counter: not a measurement), and
 writes a JSON with ``"device": "cpu-interpreter"`` (default ``kernels/results/dry-run.json``, git-ignored).
-sparsekit is imported only after the interpreter is set, and after inert stand-ins for safetensors and tqdm
-(which this check never calls) where the GPU machine lacks them.
+``--aot`` compiles every tile configuration for Ampere and Hopper ahead of time (Triton front end, LLVM,
+ptxas; no GPU needed). sparsekit is imported only after the interpreter is set, and after inert stand-ins
+for safetensors and tqdm (which this check never calls) where the GPU machine lacks them.
 """
 
 from __future__ import annotations
@@ -425,13 +426,39 @@ def evaluate_goals(timings: list[dict], shape, peak) -> list[dict]:
     return goals
 
 
+def compile_every_configuration(capabilities=(80, 90)) -> int:
+    """``--aot``: compile every tile configuration of both kernels (fp16 values, and int4) for Ampere and
+    Hopper ahead of time, without a GPU; returns the number of failures."""
+    from sparsekit.kernels.triton_bitmask import CONFIGS as BITMASK_CONFIGS
+    from sparsekit.kernels.triton_nm import CONFIGS as NM_CONFIGS
+    from sparsekit.kernels.triton_testing import compile_for_gpu
+
+    done = failed = 0
+    for capability in capabilities:
+        for kernel, configs in (("bitmask", BITMASK_CONFIGS), ("nm", NM_CONFIGS)):
+            for config, bits in [(c, 16) for c in configs] + [(c, 4) for c in configs]:
+                try:
+                    compile_for_gpu(kernel, capability, config, bits=bits)
+                    done += 1
+                except Exception as error:
+                    failed += 1
+                    print(f"  sm_{capability} {kernel} bits={bits} {config}: {type(error).__name__}: {error}")
+        print(f"  sm_{capability}: {done} compiled, {failed} failed so far")
+    return failed
+
+
 # -------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, one small shape")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: kernels/results/...)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="time budget of the whole check")
+    parser.add_argument("--aot", action="store_true",
+                        help="only compile every configuration for sm_80 and sm_90 (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.aot:
+        stub_missing_modules()
+        return 1 if compile_every_configuration() else 0
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
     budget = Budget(args.budget_s)

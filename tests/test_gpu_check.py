@@ -43,3 +43,14 @@ def test_missing_api_names_what_is_lacking():
     spec.loader.exec_module(gpu_check)
     assert gpu_check.missing_api({"math": ("sqrt", "no_such_function")}) == ["math.no_such_function"]
     assert gpu_check.n_copies(10, 100) == 20 and gpu_check.n_copies(10**9, 100) == 1
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Triton's real GPU path (front end, LLVM, ptxas) on the two kernels, the dot and the FMA branch."""
+    from sparsekit.kernels.triton_launch import _config
+    from sparsekit.kernels.triton_testing import compile_for_gpu
+
+    for kernel, config, bits in (("bitmask", _config(16, 64, 2, 4, 3), 4),
+                                 ("nm", _config(1, 32, 4, 4, 2, block_k=128), 16)):
+        compiled = compile_for_gpu(kernel, 90, config, bits=bits)
+        assert "ptx" in compiled.asm and "cubin" in compiled.asm

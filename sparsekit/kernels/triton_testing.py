@@ -20,7 +20,8 @@ from sparsekit.kernels.triton_nm import nm_linear
 from sparsekit.prune import magnitude_prune
 
 __all__ = ["QuantizedSparse", "quantize_sparse", "pack_nibbles", "random_sparse", "QMAX", "Variant",
-           "correctness_variants", "KernelCase", "check_kernels", "rel_err", "tolerance", "make_x"]
+           "correctness_variants", "KernelCase", "check_kernels", "rel_err", "tolerance", "make_x",
+           "compile_for_gpu"]
 
 QMAX = {8: 127, 4: 7}  # int4 q is in [-8, 7]; symmetric scaling uses [-7, 7]
 
@@ -228,3 +229,32 @@ def tolerance(dtype: torch.dtype) -> float:
 def make_x(batch: int, cols: int, dtype: torch.dtype, device="cpu", seed: int = 1) -> torch.Tensor:
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(batch, cols, generator=generator, device=device).to(dtype)
+
+
+def compile_for_gpu(kernel: str, capability: int, config, x_dtype: str = "fp16", bits: int = 16,
+                    nm: tuple[int, int] = (2, 4), group_size: int = 128):
+    """Compile a kernel ahead of time for an NVIDIA GPU of compute ``capability`` (80 Ampere, 90 Hopper) on a
+    machine without one: Triton's front end, LLVM and ptxas, as on the GPU (not under the interpreter).
+
+    ``kernel``: ``"bitmask"`` or ``"nm"``; ``config``: a ``triton.Config`` of that kernel's ``CONFIGS`` (the
+    bitmask kernel compiles with ``BLOCK_K`` = 128, its default tile). Returns the compiled kernel.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsekit.kernels import triton_bitmask, triton_nm
+
+    fn = {"bitmask": triton_bitmask._bitmask_kernel, "nm": triton_nm._nm_kernel}[kernel]
+    if type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): compile in another process")
+    constants = dict(config.kwargs, BITS=bits, GROUP_SIZE=group_size if bits < 16 else 1, DOT_FP32=False)
+    constants.update({"BLOCK_K": 128} if kernel == "bitmask" else {"N_KEEP": nm[0], "M_GROUP": nm[1]})
+    values = {16: x_dtype, 8: "i8", 4: "u8"}[bits]
+    pointers = {"x_ptr": f"*{x_dtype}", "bits_ptr": "*u8", "values_ptr": f"*{values}", "offsets_ptr": "*i32",
+                "scales_ptr": "*fp16" if bits < 16 else f"*{values}", "y_ptr": "*fp32"}
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "i32")
+                 for name in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
