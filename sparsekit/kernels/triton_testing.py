@@ -139,7 +139,8 @@ def correctness_variants() -> list[Variant]:
 
 class KernelCase:
     """One variant on a random pruned weight: ``case(x)`` runs the kernel; ``reference`` is the dense
-    (dequantized) fp32 weight; ``nbytes`` what the kernel streams; ``copies(n)`` fresh weight copies."""
+    (dequantized) fp32 weight; ``nbytes`` what the kernel streams; ``copies(n)`` fresh weight copies.
+    Quantized values use ``group_size`` inputs per scale where it divides ``cols``, else one scale per row."""
 
     def __init__(self, variant: Variant, rows: int, cols: int, device="cpu", seed: int = 0,
                  group_size: int = 128):
@@ -148,6 +149,7 @@ class KernelCase:
         W = random_sparse(rows, cols, variant.sparsity, nm=variant.nm, dtype=torch.float32, device=device,
                           seed=seed)
         if variant.bits is not None:
+            group_size = group_size if cols % group_size == 0 else cols  # else one scale per row
             weight = quantize_sparse(W, variant.format, variant.bits, group_size, nm=variant.nm)
             self.reference = weight.to_dense()
         else:
