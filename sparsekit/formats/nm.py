@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekit import _validate
 from sparsekit.formats.base import (
     VALUE_DTYPES,
     SparseWeight,
@@ -29,7 +30,6 @@ from sparsekit.formats.base import (
     register_format,
     unpack_bits,
 )
-from sparsekit.masks import validate_nm
 
 __all__ = ["NMWeight"]
 
@@ -54,7 +54,7 @@ class NMWeight(SparseWeight):
 
     def __init__(self, shape, nm, bitmask: torch.Tensor, values: torch.Tensor, validate: bool = True):
         self.shape = check_shape(shape)
-        self.n, self.m = validate_nm(nm, self.shape[1])
+        self.n, self.m = _validate.nm_pair(nm, "nm", in_features=self.shape[1])
         self.bitmask, self.values = bitmask, values
         if validate:
             self.validate()
@@ -73,7 +73,7 @@ class NMWeight(SparseWeight):
         """
         W = check_weight(W)
         dtype = check_values_dtype(dtype or W.dtype)
-        n, m = validate_nm(nm, W.shape[1], name="nm")
+        n, m = _validate.nm_pair(nm, "nm", in_features=W.shape[1])
         mask = dense_mask(W, mask)
         rows, cols = W.shape
         worst = int(mask.reshape(rows, cols // m, m).sum(-1).max()) if mask.numel() else 0
