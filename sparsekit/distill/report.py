@@ -53,8 +53,7 @@ def plot_recovery(results: RecoveryResults, ax=None):
     for _, cell in shot[shot.nm].iterrows():
         ax.scatter(100 * cell.sparsity, k * cell["value"], marker="s", s=50, color="grey", edgecolor="k")
     ax.axhline(k * results.reference["dense"], color="k", lw=2, alpha=0.5, label="dense teacher")
-    ax.axhline(k * results.reference["baseline"], color="k", ls=":",
-               label=f"trivial baseline ({results.reference['baseline_name']})")
+    ax.axhline(k * results.reference["baseline"], color="k", ls=":", label="strongest trivial baseline")
     nm = sorted(set(spread.pattern[spread.nm]))
     title = f"{results.task}: recovery after sparse fine-tuning"
     ax.set_title(title + (f" (squares: {', '.join(nm)})" if nm else ""))
@@ -153,7 +152,7 @@ def recovery_text(results: RecoveryResults) -> str:
     """A short Markdown paragraph with the measured numbers at the headline patterns."""
     spread = seed_spread(results)
     shot = results.one_shot.set_index("pattern")["value"]
-    metric = METRIC_LABELS.get(results.metric, results.metric)
+    metric = {"bleu": "BLEU", "wer": "WER"}.get(results.metric, results.metric)
     lines = [f"The dense teacher scores {_fmt(results, results.reference['dense'])} {metric} on test, the "
              f"trivial baseline ({results.reference['baseline_name']}) "
              f"{_fmt(results, results.reference['baseline'])}."]
