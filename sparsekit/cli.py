@@ -303,6 +303,8 @@ def run_finetune(args) -> int:
     model = result.model
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
+    if task is not None and args.scale != "paper":
+        task.tokenizer(args.scale).save_pretrained(args.out)
     metrics = {"student": str(args.student), "teacher": args.teacher, "task": args.task,
                "data": str(args.data) if args.data else None, "train_rows": len(rows),
                "loss": result.loss_weights, "temperature": args.temperature, "steps": result.steps,
