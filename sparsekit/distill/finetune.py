@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsekit.distill.trainer import SparseTrainer, parse_loss_mix
+from sparsekit.masks import apply_masks, unfreeze_masks
 
 __all__ = ["finetune", "FinetuneResult", "pad_collate"]
 
@@ -50,7 +51,8 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     ``rows``: the training examples (any sequence); ``collate(list of rows) -> batch`` with ``labels``.
     Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. ``lora_rank``: train LoRA
     adapters of that rank instead of the weights, then merge them through the mask. The student is
-    trained in place (with LoRA, the returned model is the merged base model).
+    trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
+    with LoRA, the returned model is the merged base model.
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -95,6 +97,9 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
         from sparsekit.distill.lora import merge_lora
 
         model = merge_lora(model)
+    else:  # the zeros are in the weights now; the hooks would only slow inference down
+        apply_masks(model)
+        unfreeze_masks(model)
     model.eval()
     return FinetuneResult(model=model, record=trainer.record, stability=trainer.stability(), wall_s=wall,
                           steps=trainer.state.global_step, loss_weights=weights)
