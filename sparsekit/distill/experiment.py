@@ -111,6 +111,7 @@ _SMOKE = dict(patterns=("80%",), steps=4, batch_size=8, lr=1e-3, warmup=1, train
 # (teachers cached). Measured cost per optimizer step at batch 32 (1 thread, CPU seconds, CE+SquareHead):
 # speech 0.07, translation 0.11, math 0.73; a run's evaluation adds about 1 s (speech, translation) and
 # 5 s (math). Runs per notebook: `RecoveryConfig.fine_tuning_runs()` (28 for 4 patterns, 32 for 5).
+# A whole book-scale speech experiment took 385 CPU-seconds (1 thread), i.e. 12 s per run.
 # The learning rate (1e-3, no weight decay) follows a prototype on the math task (1e-3 to 3e-3 at 75-90%).
 CONFIGS: dict[str, dict[str, RecoveryConfig]] = {
     "translation": {
@@ -129,8 +130,8 @@ CONFIGS: dict[str, dict[str, RecoveryConfig]] = {
     },
     "math": {
         "smoke": RecoveryConfig(**_SMOKE),
-        "book": RecoveryConfig(patterns=("50%", "70%", "80%", "90%"), steps=100, batch_size=32, lr=1e-3,
-                               warmup=10, train_sizes=(250, 1000, 0)),
+        "book": RecoveryConfig(patterns=("50%", "70%", "80%", "90%"), steps=80, batch_size=32, lr=1e-3,
+                               warmup=8, train_sizes=(250, 1000, 0)),
         # the paper's MPT-7B schedule: 2 epochs of GSM8K's 7473 problems at batch 32 (the paper uses 4
         # epochs and lr 8e-5 to 1e-4 at 70-80%)
         "paper": RecoveryConfig(patterns=("50%", "60%", "70%", "80%"), steps=467, batch_size=32, lr=1e-4,

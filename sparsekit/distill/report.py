@@ -122,11 +122,13 @@ def data_sweep_table(results: RecoveryResults) -> pd.DataFrame:
 
 
 def stability_table(results: RecoveryResults) -> pd.DataFrame:
-    """Loss spikes (steps above 1.5× the running median of the 20 before) and the largest gradient norm,
-    per pattern and loss (summed / maximised over seeds), on the chosen subset."""
+    """Loss spikes (steps above 1.5× the running median of the 20 before), the largest gradient norm and
+    the mean final training loss, per pattern and loss (summed / maximised / averaged over seeds), on the
+    chosen subset."""
     runs = results.runs[(results.runs.split == "test") & (results.runs.train_size == results.train_size)]
     return runs.groupby(["pattern", "loss"], sort=False).agg(
-        spikes=("spikes", "sum"), max_grad_norm=("max_grad_norm", "max"), runs=("seed", "count"),
+        spikes=("spikes", "sum"), max_grad_norm=("max_grad_norm", "max"), final_loss=("final_loss", "mean"),
+        runs=("seed", "count"),
     ).reset_index()
 
 
