@@ -111,7 +111,8 @@ _SMOKE = dict(patterns=("80%",), steps=4, batch_size=8, lr=1e-3, warmup=1, train
 # (teachers cached). Measured cost per optimizer step at batch 32 (1 thread, CPU seconds, CE+SquareHead):
 # speech 0.07, translation 0.11, math 0.73; a run's evaluation adds about 1 s (speech, translation) and
 # 5 s (math). Runs per notebook: `RecoveryConfig.fine_tuning_runs()` (28 for 4 patterns, 32 for 5).
-# A whole book-scale speech experiment took 385 CPU-seconds (1 thread), i.e. 12 s per run.
+# Whole book-scale experiments (1 thread, loaded machine): speech 385 CPU-seconds (32 runs), translation
+# 530 (32 runs); math, estimated from its step cost: about 1800.
 # The learning rate (1e-3, no weight decay) follows a prototype on the math task (1e-3 to 3e-3 at 75-90%).
 CONFIGS: dict[str, dict[str, RecoveryConfig]] = {
     "translation": {
