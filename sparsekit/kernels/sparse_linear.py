@@ -44,6 +44,7 @@ class KernelEntry:
     run: Callable[[torch.Tensor, SparseWeight], torch.Tensor]
     max_batch: Callable[[float], int]
     x_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    bits: tuple[int | None, ...] = (None,)  # the values it reads: None = float, 8/4 = quantized codes
 
 
 _KERNELS: dict[tuple[str, str], list[KernelEntry]] = {}
@@ -62,7 +63,8 @@ def select_kernel(weight: SparseWeight, device_type: str, x_dtype: torch.dtype,
                   batch: int) -> KernelEntry | None:
     """The first registered kernel that takes this weight, device, dtype and batch; ``None`` = dense."""
     for entry in _KERNELS.get((weight.format, device_type), []):
-        if x_dtype in entry.x_dtypes and batch <= entry.max_batch(weight.sparsity):
+        if (x_dtype in entry.x_dtypes and weight.bits in entry.bits
+                and batch <= entry.max_batch(weight.sparsity)):
             return entry
     return None
 
@@ -105,7 +107,13 @@ register_kernel("csr", "cpu", KernelEntry(
 
 
 def dense_weight(weight: SparseWeight) -> torch.Tensor:
-    """Decompressed ``[out, in]`` weight in the values' dtype (fast C path for bitmask/N:M on CPU)."""
+    """Decompressed ``[out, in]`` weight in the values' dtype (fast C path for bitmask/N:M on CPU).
+
+    A quantized weight (int8/int4 codes) is dequantized to float32: the dense fallback of every batch
+    for which no kernel registered with its ``bits`` (``KernelEntry.bits``) takes it.
+    """
+    if weight.bits is not None:
+        return weight.to_dense()
     if weight.device.type == "cpu" and isinstance(weight, (BitmaskWeight, NMWeight)):
         offsets = weight.row_offsets if isinstance(weight, BitmaskWeight) else None
         return bitmask_to_dense(weight.bitmask, weight.values, offsets, weight.shape[1])
@@ -160,7 +168,8 @@ class SparseLinear(nn.Module):
     @property
     def weight_sparse(self) -> SparseWeight:
         """The compressed weight viewing this module's buffers (rebuilt when a buffer is replaced)."""
-        tensors = {part: self._buffers[f"weight_{part}"] for part in FORMATS[self.format].parts}
+        tensors = {part: self._buffers[f"weight_{part}"]
+                   for part in FORMATS[self.format].part_names(self._extra)}
         key = tuple(id(t) for t in tensors.values())
         cached = self.__dict__.get("_weight_cache")
         if cached is None or cached[0] != key:
@@ -190,10 +199,11 @@ class SparseLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The equivalent dense ``nn.Linear`` (zeros where the mask is False)."""
         weight = self.weight_sparse
+        dense = weight.to_dense()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+                           device=weight.device, dtype=dense.dtype)
         with torch.no_grad():
-            linear.weight.copy_(weight.to_dense())
+            linear.weight.copy_(dense)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -201,7 +211,7 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # The non-zero count may differ from this module's: adopt the incoming parts, then validate.
-        for part in FORMATS[self.format].parts:
+        for part in FORMATS[self.format].part_names(self._extra):
             key = f"{prefix}weight_{part}"
             if key in state_dict:
                 self._buffers[f"weight_{part}"] = state_dict[key].detach().clone()
@@ -215,6 +225,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         weight = self.weight_sparse
         nm = f", nm={self._extra['n']}:{self._extra['m']}" if self.format == "nm" else ""
+        if weight.bits is not None:
+            nm += f", bits={weight.bits}, group_size={weight.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format}{nm}, dtype={weight.dtype}, "
                 f"sparsity={weight.sparsity:.3f}")
