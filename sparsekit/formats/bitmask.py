@@ -116,7 +116,8 @@ class BitmaskWeight(SparseWeight):
 
     @property
     def nnz(self) -> int:
-        return int(self.row_offsets[-1])
+        # the values' length where it is the count (a static shape under torch.compile); int4 packs two
+        return int(self.row_offsets[-1]) if self.bits == 4 else self.values.numel()
 
     def mask(self) -> torch.Tensor:
         return unpack_bits(self.bitmask, self.shape[1])
