@@ -246,17 +246,21 @@ def _stack_masks(model: nn.Module, stack_name: str, batch: dict, call: BlockCall
 
 
 def _prune_linear(linear: nn.Linear, name: str, stats: HessianStats, method: str, sparsity: float, nm,
-                  blocksize: int, percdamp: float) -> dict:
+                  blocksize: int, percdamp: float, quant=None) -> dict:
     start = time.perf_counter()
     if stats.tokens == 0 and method != "magnitude":
         raise ValueError(f"layer {name!r} received no calibration inputs; cannot prune it with {method}")
     W = weight_out_in(linear)  # [out, in], a view: Conv1D (GPT-2) stores the transpose
+    quantizer = quant.joint_quantizer(method, W.shape, W.device) if quant is not None else None
     if method == "sparsegpt":
-        pruned, _ = sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp, name=name)
+        pruned, mask = sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp, quantizer, name=name)
     elif method == "wanda":
-        pruned, _ = wanda_prune(W, stats.act_sq_norm, sparsity, nm)
+        pruned, mask = wanda_prune(W, stats.act_sq_norm, sparsity, nm)
     else:
-        pruned, _ = magnitude_prune(W, sparsity, nm)
+        pruned, mask = magnitude_prune(W, sparsity, nm)
+    quantized = _quantize_pruned(pruned, mask, stats.H, quant, quantizer, blocksize, percdamp, name)
+    if quantized is not None:
+        pruned = quantized.quantized.dequantize().to(W.dtype)
     seconds = time.perf_counter() - start
     delta = W.float() - pruned.float()
     H = stats.H.to(W.device)
@@ -266,14 +270,28 @@ def _prune_linear(linear: nn.Linear, name: str, stats: HessianStats, method: str
     return {
         "layer": name,
         "shape": tuple(W.shape),
-        "sparsity": float((pruned == 0).float().mean()),
+        "sparsity": float(((pruned == 0) if quantized is None else ~mask).float().mean()),
         "rel_error": error / reference if reference > 0 else float("nan"),
         "seconds": seconds,
+        "quantized": quantized,
     }
 
 
+def _quantize_pruned(pruned, mask, H, quant, quantizer, blocksize, percdamp, name):
+    """The layer's ``QuantizedLayer``: joint (``quantizer`` ran inside SparseGPT) or quantized after
+    pruning; ``None`` without ``quant``."""
+    from sparsekit.quant import QuantizedLayer
+
+    if quant is None:
+        return None
+    if quantizer is not None:
+        return QuantizedLayer(quantizer.result(), mask)
+    _, quantized = quant.quantize_pruned(pruned * mask, H, blocksize, percdamp, name=name)
+    return QuantizedLayer(quantized, mask)
+
+
 def _process_block(block, linears, calls, masks, method, sparsity, nm, blocksize, percdamp, device,
-                   need_outputs) -> tuple[list[dict], list[torch.Tensor] | None]:
+                   need_outputs, quant=None) -> tuple[list[dict], list[torch.Tensor] | None]:
     stats = {name: HessianStats(in_features_of(linear), device) for name, linear in linears}
     current = {}
 
@@ -291,7 +309,7 @@ def _process_block(block, linears, calls, masks, method, sparsity, nm, blocksize
     finally:
         for handle in handles:
             handle.remove()
-    rows = [_prune_linear(linear, name, stats[name], method, sparsity, nm, blocksize, percdamp)
+    rows = [_prune_linear(linear, name, stats[name], method, sparsity, nm, blocksize, percdamp, quant)
             for name, linear in linears]
     stats.clear()  # free this block's statistics before the next block accumulates its own
     outputs = [_hidden_of(block(*call.args, **call.kwargs)) for call in calls] if need_outputs else None
@@ -311,12 +329,17 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
     * ``method``: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``; ``sparsity`` or ``nm=(n, m)`` as in
       :func:`sparsegpt_prune`; ``blocksize`` and ``percdamp`` are SparseGPT's.
     * ``targets``: Linear names (or suffixes) inside the transformer blocks; default all of them.
-    * ``quant``: joint quantization, not implemented yet (only ``None``).
+    * ``quant``: ``None``, or a :class:`sparsekit.quant.QuantConfig` (or a dict of its fields, e.g.
+      ``{"bits": 4, "group_size": 128}``): every pruned layer is also quantized, jointly inside SparseGPT
+      for ``method="sparsegpt"`` with GPTQ (see :mod:`sparsekit.quant.config`). The weights are left
+      dequantized (on the grid) in the model; the integer codes and masks are in the report.
     * ``device``: where each block is processed (default: where the model is).
 
     Returns a ``pandas.DataFrame`` with one row per pruned layer: ``layer``, ``shape``, ``sparsity``
     (zeros reached), ``rel_error`` = ``‖W X − Ŵ X‖² / ‖W X‖²`` over the calibration inputs of the layer,
-    ``seconds`` (time of the pruning solver).
+    ``seconds`` (time of the pruning solver). With ``quant``: ``rel_error`` covers pruning and
+    quantization, ``sparsity`` is the mask's (a kept weight may round to 0), and a column ``quantized``
+    holds each layer's :class:`~sparsekit.quant.QuantizedLayer` (codes, scales, mask; ``.compress()``).
     """
     import pandas as pd
 
@@ -325,9 +348,7 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
     sparsity = validate_sparsity(sparsity)
     if nm is not None:
         validate_nm(nm)
-    if quant is not None:
-        raise NotImplementedError(f"quant={quant!r}: joint sparsity + quantization is not implemented yet; "
-                                  "pass quant=None")
+    quant = _check_quant(quant, method)
     batches = _validate_batches(calib_batches)
     chosen = dict(prunable_linears(model, targets))
     stacks = _group_stacks(model)
@@ -339,8 +360,11 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
     if nm is not None:
         for name, linear in chosen.items():
             validate_nm(nm, in_features_of(linear), name=f"nm (layer {name!r})")
-    if method == "sparsegpt":
+    if method == "sparsegpt" or (quant is not None and quant.method == "gptq"):
         _validate_solver_options(blocksize, percdamp, nm)
+    if quant is not None:
+        for name, linear in chosen.items():
+            quant.check_layer(in_features_of(linear), name)
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     was_training = model.training
@@ -363,7 +387,7 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
                     need_outputs = index + 1 < len(blocks)
                     block_rows, outputs = _process_block(
                         block, linears, calls, masks, method, sparsity, nm, blocksize, percdamp, device,
-                        need_outputs)
+                        need_outputs, quant)
                     block.to(home)
                     rows.extend(block_rows)
                     if need_outputs:
@@ -371,4 +395,16 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict], method: str = "
                     bar.update(1)
     finally:
         model.train(was_training)
-    return pd.DataFrame(rows, columns=["layer", "shape", "sparsity", "rel_error", "seconds"])
+    columns = ["layer", "shape", "sparsity", "rel_error", "seconds"] + (["quantized"] if quant else [])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _check_quant(quant, method):
+    """``quant`` as a QuantConfig (or None), checked against ``method`` before any layer is touched."""
+    from sparsekit.quant import as_quant_config  # late: sparsekit.quant imports sparsekit.prune.sparsegpt
+
+    quant = as_quant_config(quant)
+    if quant is not None and quant.act_order and method == "sparsegpt" and quant.method == "gptq":
+        raise ValueError("quant act_order=True cannot run jointly with SparseGPT (its column loop visits the "
+                         "inputs in order); use act_order=False or method='rtn'")
+    return quant

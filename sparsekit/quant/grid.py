@@ -108,7 +108,7 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return q * scales.float()
 
 
-@dataclass
+@dataclass(eq=False)  # tensors: compared by identity, never element-wise by ==
 class QuantizedWeight:
     """A weight ``[rows, cols]`` on a group-wise integer grid.
 

@@ -1,0 +1,113 @@
+"""``QuantConfig``: how ``prune_model(..., quant=...)`` quantizes each pruned layer.
+
+* ``method="gptq"`` with SparseGPT: **joint** — SparseGPT's column loop quantizes each column right after
+  masking it (a :class:`~sparsekit.quant.GroupQuantizer` as its ``quantizer``), so the inverse-Hessian
+  update compensates the pruning and the rounding error together (the SparseGPT paper, §3.4);
+* ``method="gptq"`` with Wanda or magnitude: prune, then GPTQ on the pruned weight (its zeros kept);
+* ``method="rtn"``: prune, then round to nearest.
+
+Every layer's grid is symmetric or asymmetric, ``bits`` 8 or 4, ``group_size`` inputs per scale
+(``None``: per-channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from sparsekit.quant.gptq import gptq_quantize
+from sparsekit.quant.grid import QuantizedWeight, check_bits, check_group_size
+from sparsekit.quant.quantizer import GroupQuantizer
+from sparsekit.quant.rtn import check_symmetric, quantize_rtn
+
+__all__ = ["QuantConfig", "QuantizedLayer", "as_quant_config", "QUANT_METHODS"]
+
+QUANT_METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """``bits`` (8 | 4), ``group_size`` (None = per-channel), ``symmetric``, ``method`` ("gptq" | "rtn"),
+    ``act_order`` (GPTQ after pruning only: the joint SparseGPT loop visits inputs in order)."""
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    method: str = "gptq"
+    act_order: bool = False
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.group_size is not None:
+            check_group_size(self.group_size, self.group_size)  # a positive int
+        check_symmetric(self.symmetric)
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"quant method must be one of {QUANT_METHODS}, got {self.method!r}")
+        if not isinstance(self.act_order, bool):
+            raise TypeError(f"act_order must be a bool, got {type(self.act_order).__name__}")
+
+    @property
+    def label(self) -> str:
+        """E.g. ``"int4 g128 GPTQ"``, ``"int8 RTN"``."""
+        group = f" g{self.group_size}" if self.group_size else ""
+        return f"int{self.bits}{group} {self.method.upper()}{'' if self.symmetric else ' asym'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_layer(self, in_features: int, name: str) -> None:
+        """Raise ``ValueError`` naming the layer when ``group_size`` does not divide its inputs."""
+        if self.group_size is not None and in_features % self.group_size:
+            raise ValueError(f"quant group_size={self.group_size} must divide in_features={in_features} of "
+                             f"layer {name!r}")
+
+    def joint_quantizer(self, method: str, shape, device) -> GroupQuantizer | None:
+        """The quantizer that ``sparsegpt_prune`` calls per column, for a joint run; else None."""
+        if method != "sparsegpt" or self.method != "gptq":
+            return None
+        if self.act_order:
+            raise ValueError("quant act_order=True cannot run jointly with SparseGPT (its column loop visits "
+                             "the inputs in order); use act_order=False or method='rtn'")
+        return GroupQuantizer(tuple(shape), self.bits, self.group_size, self.symmetric, device=device)
+
+    def quantize_pruned(self, W: torch.Tensor, H: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01,
+                        name: str = "layer") -> tuple[torch.Tensor, QuantizedWeight]:
+        """Quantize an already pruned ``W [out, in]`` (its zeros stay zero) by ``self.method``."""
+        if self.method == "rtn":
+            return quantize_rtn(W, self.bits, self.group_size, self.symmetric)
+        return gptq_quantize(W, H, self.bits, self.group_size, self.symmetric, self.act_order, blocksize,
+                             percdamp, name=name)
+
+
+@dataclass(eq=False)
+class QuantizedLayer:
+    """A pruned and quantized layer: its grid (``quantized``) and its keep-mask ``[out, in]`` (a kept
+    weight may have code 0; the mask still keeps it)."""
+
+    quantized: QuantizedWeight
+    mask: torch.Tensor
+
+    def compress(self, format: str = "bitmask", nm=None):
+        """The layer as a quantized ``BitmaskWeight`` or (``format="nm"``, ``nm=(n, m)``) ``NMWeight``."""
+        from sparsekit.formats import BitmaskWeight, NMWeight
+
+        if format == "bitmask":
+            return BitmaskWeight.from_quantized(self.quantized, self.mask)
+        if format == "nm":
+            return NMWeight.from_quantized(self.quantized, nm if nm is not None else (2, 4), self.mask)
+        raise ValueError(f"format must be 'bitmask' or 'nm' for a quantized layer, got {format!r}")
+
+
+def as_quant_config(quant) -> QuantConfig | None:
+    """``None``, a :class:`QuantConfig`, or a dict of its fields (e.g. ``{"bits": 4, "group_size": 128}``)."""
+    if quant is None or isinstance(quant, QuantConfig):
+        return quant
+    if isinstance(quant, dict):
+        unknown = sorted(set(quant) - {f.name for f in fields(QuantConfig)})
+        if unknown:
+            allowed = [f.name for f in fields(QuantConfig)]
+            raise ValueError(f"quant has unknown keys {unknown}; allowed: {allowed}")
+        return QuantConfig(**quant)
+    raise TypeError(f"quant must be None, a QuantConfig or a dict like {{'bits': 4, 'group_size': 128}}, "
+                    f"got {type(quant).__name__} {quant!r}")
