@@ -2,7 +2,9 @@
 
 ``sparsekit prune MODEL --calib SOURCE --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
 Hugging Face model (a local path, or a hub id when online) one shot, saves it with ``save_pretrained``
-(safetensors) and prints the sparsity report. ``sparsekit book ...`` runs the book driver
+(safetensors) and prints the sparsity report; ``--bits 8|4 [--group-size G] [--quant-method gptq|rtn]``
+also quantizes every pruned layer (jointly inside SparseGPT) and writes its compressed int8/int4 weights
+to ``DIR/quantized_weights.safetensors`` (``load_sparse``). ``sparsekit book ...`` runs the book driver
 (:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
@@ -54,6 +56,36 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scale of a task's calibration data (default: the task's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quant_arguments(parser)
+
+
+def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    quant = parser.add_argument_group("quantization (symmetric, of the pruned layers)")
+    quant.add_argument("--bits", type=int, choices=(8, 4), default=None,
+                       help="quantize to int8 or int4 (default: no quantization)")
+    quant.add_argument("--group-size", type=int, default=None, metavar="G",
+                       help="inputs per scale (default: one scale per output row)")
+    quant.add_argument("--quant-method", default="gptq", choices=("gptq", "rtn"),
+                       help="gptq (joint with sparsegpt) or round-to-nearest (default gptq)")
+
+
+def _quant_config(args):
+    if args.bits is None:
+        if args.group_size is not None:
+            raise ValueError(f"--group-size {args.group_size} needs --bits 8 or --bits 4")
+        return None
+    from sparsekit.quant import QuantConfig
+
+    return QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
+
+
+def _save_quantized(report, nm, path: Path) -> Path:
+    """The quantized layers of a report, compressed (N:M when pruned N:M, else bitmask), to ``path``."""
+    from sparsekit.formats import save_sparse
+
+    weights = {f"{row.layer}.weight": row.quantized.compress("nm" if nm else "bitmask", nm=nm)
+               for row in report.itertuples()}
+    return save_sparse(path, weights)
 
 
 def _read_text(path: Path, field: str = "text") -> str:
@@ -140,10 +172,15 @@ def run_prune(args) -> int:
     model = _load_model(args.model)
     if args.device:
         model.to(args.device)
+    quant = _quant_config(args)
     batches, tokenizer = _calibration(args, model)
     report = prune_model(model, batches, args.method, args.sparsity, nm=args.nm, targets=args.targets,
-                         blocksize=args.blocksize, percdamp=args.percdamp, progress=not args.quiet)
+                         quant=quant, blocksize=args.blocksize, percdamp=args.percdamp,
+                         progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
+    if quant is not None:
+        saved = _save_quantized(report, args.nm, args.out / "quantized_weights.safetensors")
+        report = report.drop(columns="quantized")
     model.save_pretrained(args.out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
@@ -153,10 +190,13 @@ def run_prune(args) -> int:
         "model": str(args.model), "calib": str(args.calib), "method": args.method,
         "sparsity": None if args.nm else args.sparsity, "nm": list(args.nm) if args.nm else None,
         "overall_sparsity": float(overall["sparsity"]), "layers": report.to_dict(orient="records"),
+        "quant": quant.to_dict() if quant is not None else None,
     }, indent=2, default=list))
     print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"overall sparsity of the pruned layers: {overall['sparsity']:.4f} "
           f"({int(overall['zeros'])} of {int(overall['params'])} weights are zero)")
+    if quant is not None:
+        print(f"quantized ({quant.label}) weights: {saved}")
     print(f"saved to {args.out}")
     return 0
 
