@@ -404,7 +404,6 @@ def _check_quant(quant, method):
     from sparsekit.quant import as_quant_config  # late: sparsekit.quant imports sparsekit.prune.sparsegpt
 
     quant = as_quant_config(quant)
-    if quant is not None and quant.act_order and method == "sparsegpt" and quant.method == "gptq":
-        raise ValueError("quant act_order=True cannot run jointly with SparseGPT (its column loop visits the "
-                         "inputs in order); use act_order=False or method='rtn'")
+    if quant is not None:
+        quant.check_method(method)
     return quant

@@ -3,6 +3,7 @@
 * ``method="gptq"`` with SparseGPT: **joint** — SparseGPT's column loop quantizes each column right after
   masking it (a :class:`~sparsekit.quant.GroupQuantizer` as its ``quantizer``), so the inverse-Hessian
   update compensates the pruning and the rounding error together (the SparseGPT paper, §3.4);
+  ``joint=False`` prunes first, then runs GPTQ on the pruned weight;
 * ``method="gptq"`` with Wanda or magnitude: prune, then GPTQ on the pruned weight (its zeros kept);
 * ``method="rtn"``: prune, then round to nearest.
 
@@ -29,13 +30,15 @@ QUANT_METHODS = ("gptq", "rtn")
 @dataclass(frozen=True)
 class QuantConfig:
     """``bits`` (8 | 4), ``group_size`` (None = per-channel), ``symmetric``, ``method`` ("gptq" | "rtn"),
-    ``act_order`` (GPTQ after pruning only: the joint SparseGPT loop visits inputs in order)."""
+    ``act_order`` (GPTQ after pruning only: the joint SparseGPT loop visits inputs in order), ``joint``
+    (GPTQ inside SparseGPT's loop, or after it)."""
 
     bits: int = 8
     group_size: int | None = None
     symmetric: bool = True
     method: str = "gptq"
     act_order: bool = False
+    joint: bool = True
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -44,14 +47,25 @@ class QuantConfig:
         check_symmetric(self.symmetric)
         if self.method not in QUANT_METHODS:
             raise ValueError(f"quant method must be one of {QUANT_METHODS}, got {self.method!r}")
-        if not isinstance(self.act_order, bool):
-            raise TypeError(f"act_order must be a bool, got {type(self.act_order).__name__}")
+        for flag in ("act_order", "joint"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
 
     @property
     def label(self) -> str:
         """E.g. ``"int4 g128 GPTQ"``, ``"int8 RTN"``."""
         group = f" g{self.group_size}" if self.group_size else ""
         return f"int{self.bits}{group} {self.method.upper()}{'' if self.symmetric else ' asym'}"
+
+    def is_joint(self, method: str) -> bool:
+        """Whether pruning with ``method`` quantizes inside its own loop (SparseGPT with GPTQ, joint)."""
+        return method == "sparsegpt" and self.method == "gptq" and self.joint
+
+    def check_method(self, method: str) -> None:
+        """Raise ``ValueError`` for an option that pruning ``method`` cannot honour."""
+        if self.act_order and self.is_joint(method):
+            raise ValueError("quant act_order=True cannot run jointly with SparseGPT (its column loop visits "
+                             "the inputs in order); use act_order=False, joint=False or method='rtn'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,11 +78,9 @@ class QuantConfig:
 
     def joint_quantizer(self, method: str, shape, device) -> GroupQuantizer | None:
         """The quantizer that ``sparsegpt_prune`` calls per column, for a joint run; else None."""
-        if method != "sparsegpt" or self.method != "gptq":
+        if not self.is_joint(method):
             return None
-        if self.act_order:
-            raise ValueError("quant act_order=True cannot run jointly with SparseGPT (its column loop visits "
-                             "the inputs in order); use act_order=False or method='rtn'")
+        self.check_method(method)
         return GroupQuantizer(tuple(shape), self.bits, self.group_size, self.symmetric, device=device)
 
     def quantize_pruned(self, W: torch.Tensor, H: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01,
