@@ -50,7 +50,7 @@ def test_pareto_front():
 
 
 def test_fitting_group_size_divides_every_layer():
-    model = dense_model("mpt")  # in_features 32 and 64
+    model = dense_model("mpt")  # in_features 32 and 128
     assert fitting_group_size(model, 128) == 32
     assert fitting_group_size(model, 24) == 16
 
