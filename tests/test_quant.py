@@ -150,3 +150,22 @@ def test_bad_arguments_are_named(call, error, match):
     W, H = correlated_layer(0)
     with pytest.raises(error, match=match):
         call(W, H)
+
+
+def test_tiny_and_huge_weights():
+    W = torch.tensor([[1e-9, -3e-10, 0.0, 2e-12], [5e-4, -1e-4, 0.0, 1e-5]])
+    for bits in (8, 4):
+        W_hat, q = quantize_rtn(W, bits)
+        assert bool((q.scales > 0).all()) and torch.equal(q.scales, q.scales.half().float())
+        assert bool(((W - W_hat).abs() <= q.scales / 2 * (1 + 1e-5)).all())  # within half a step
+        assert W_hat[0, 2] == 0 and W_hat[1, 2] == 0
+    with pytest.raises(ValueError, match="float16's range"):
+        quantize_rtn(torch.tensor([[1e8, 1.0]]), 8)
+
+
+def test_low_precision_weights_keep_their_dtype():
+    W, H = correlated_layer(4, sparsity=0.5)
+    for dtype in (torch.bfloat16, torch.float16):
+        W_hat, q = gptq_quantize(W.to(dtype), H, 8, 16)
+        assert W_hat.dtype == dtype and bool((W_hat[W == 0] == 0).all())
+        assert torch.equal(W_hat, q.dequantize().to(dtype))
