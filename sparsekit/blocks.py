@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from sparsekit import _validate
+
 __all__ = ["transformer_blocks", "prunable_linears", "capture_linear_inputs", "is_linear", "weight_out_in",
            "in_features_of"]
 
@@ -75,13 +77,13 @@ def prunable_linears(model: nn.Module, targets: Iterable[str] | None = None) -> 
 
     ``targets=None`` selects every linear layer (``nn.Linear`` or ``Conv1D``) inside the transformer
     blocks. Otherwise ``targets`` are qualified names (or name suffixes such as ``"attn.Wqkv"``) of such
-    layers; a target that matches nothing raises ``ValueError``.
+    layers; a target that matches nothing raises ``ValueError``, a plain string (not a list) ``TypeError``.
     """
+    targets = _validate.names(targets, "targets")
     linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     if targets is None:
         prefixes = [name + "." for name, _ in transformer_blocks(model)]
         return [(n, m) for n, m in linears if any(n.startswith(p) for p in prefixes)]
-    targets = list(targets)
     chosen = []
     for target in targets:
         hits = [(n, m) for n, m in linears if n == target or n.endswith("." + target)]
@@ -100,6 +102,7 @@ def capture_linear_inputs(model: nn.Module, linear: nn.Linear, batches, max_toke
     """
     import torch
 
+    max_tokens = _validate.integer(max_tokens, "max_tokens", low=1)
     seen: list = []
 
     def record(_module, inputs):

@@ -1,11 +1,12 @@
 """The ``sparsekit`` command.
 
-``sparsekit prune MODEL --calib SOURCE --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
+``sparsekit prune MODEL [--calib SOURCE] --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
 Hugging Face model (a local path, or a hub id when online) one shot, saves it with ``save_pretrained``
-(safetensors) and prints the sparsity report; ``--bits 8|4 [--group-size G] [--quant-method gptq|rtn]``
-also quantizes every pruned layer (jointly inside SparseGPT) and writes its compressed int8/int4 weights
-to ``DIR/quantized_weights.safetensors`` (``load_sparse``). ``sparsekit book ...`` runs the book driver
-(:mod:`sparsekit.book`).
+(safetensors) and prints the sparsity report; ``--calib`` is needed by every method but magnitude.
+``--bits 8|4 [--group-size G] [--quant-method gptq|rtn]`` also quantizes every pruned layer (jointly
+inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized_weights.safetensors``
+(``load_sparse``). Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unusable
+(``HessianError``). ``sparsekit book ...`` runs the book driver (:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
 ``finetune`` (sparse fine-tuning) and ``bench`` (kernel benchmarks) are added there by their issues.
@@ -24,6 +25,20 @@ __all__ = ["main", "build_parser", "text_calibration_batches"]
 # ---------------------------------------------------------------------------------------------------------
 # prune
 
+PRUNE_CONVENTIONS = """\
+counting conventions (sparsekit vs the reference implementations):
+  --sparsity S prunes round(S*n) weights per unit: per row for wanda and magnitude
+  (--magnitude-scope row), per layer for --magnitude-scope layer, per block of
+  --blocksize columns for sparsegpt. The references (IST-DASLab/sparsegpt,
+  locuslab/wanda) prune int(S*n) (wanda) or every score <= the int(S*n)-th smallest,
+  usually int(S*n)+1 (sparsegpt, the papers' per-layer magnitude baseline).
+  --nm N:M KEEPS N of every M; the references' prunen:prunem PRUNES prunen
+  (our 1:4 is their 3:4; 2:4 is the same).
+
+exit codes: 0 done, 2 bad arguments, 3 a layer's calibration statistics are unusable
+(HessianError: NaN/Inf, or not positive definite even with dampening)."""
+EXIT_USAGE, EXIT_BAD_STATISTICS = 2, 3
+
 
 def _nm(text: str) -> tuple[int, int]:
     try:
@@ -34,15 +49,24 @@ def _nm(text: str) -> tuple[int, int]:
 
 
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = PRUNE_CONVENTIONS
     parser.add_argument("model", help="Hugging Face model directory (or hub id)")
-    parser.add_argument("--calib", required=True,
+    parser.add_argument("--calib", default=None,
                         help="calibration source: a text file (.txt, or .jsonl with a 'text' field) or a "
-                             "sparsekit task name (translation, speech, math)")
+                             "sparsekit task name (translation, speech, math); required except for "
+                             "--method magnitude")
     parser.add_argument("--out", required=True, type=Path, help="output directory for the pruned model")
     parser.add_argument("--method", default="sparsegpt", choices=("sparsegpt", "wanda", "magnitude"))
     pattern = parser.add_mutually_exclusive_group()
-    pattern.add_argument("--sparsity", type=float, default=0.5, help="fraction of zeros (default 0.5)")
-    pattern.add_argument("--nm", type=_nm, default=None, metavar="N:M", help="keep N of every M, e.g. 2:4")
+    pattern.add_argument("--sparsity", type=float, default=0.5,
+                         help="fraction of zeros in [0, 1) (default 0.5); round(S*n) weights pruned per "
+                              "row, layer or SparseGPT block (see below)")
+    pattern.add_argument("--nm", type=_nm, default=None, metavar="N:M",
+                         help="keep N of every M consecutive inputs, e.g. 2:4 (1:4 is 75%% sparse)")
+    parser.add_argument("--magnitude-scope", default="row", choices=("row", "layer"),
+                        help="magnitude only: one threshold per row (default) or per layer (the papers' "
+                             "baseline)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
                         help="Linear names or suffixes to prune (default: all inside the blocks)")
     parser.add_argument("--n-calib", type=int, default=128, help="calibration sequences (default 128)")
@@ -104,9 +128,10 @@ def text_calibration_batches(tokenizer, text: str, n: int, seq_len: int, batch_s
     """
     import torch
 
-    for name, value in (("n", n), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    from sparsekit import _validate
+
+    n, seq_len, batch_size = (_validate.integer(value, name, low=1) for name, value in
+                              (("n", n), ("seq_len", seq_len), ("batch_size", batch_size)))
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() < seq_len:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
@@ -162,21 +187,50 @@ def _calibration(args, model) -> tuple[list[dict], object]:
     return batches, tokenizer if hasattr(tokenizer, "save_pretrained") else None
 
 
+def _check_prune_arguments(args) -> None:
+    """The numbers of the command line, checked before the model is loaded."""
+    from sparsekit import _validate
+
+    _validate.sparsity(args.sparsity, "--sparsity")
+    if args.nm is not None:
+        _validate.nm_pair(args.nm, "--nm")
+    for option in ("n_calib", "seq_len", "batch_size", "blocksize"):
+        _validate.integer(getattr(args, option), "--" + option.replace("_", "-"), low=1)
+    _validate.real(args.percdamp, "--percdamp", low=0.0, allowed="a finite number >= 0")
+
+
+def _saved_tokenizer(path: str):
+    """The model's own tokenizer to save beside it, when it has one (None otherwise)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
 def run_prune(args) -> int:
     import torch
 
     from sparsekit.masks import sparsity_report
     from sparsekit.prune import prune_model
 
+    _check_prune_arguments(args)
+    if args.calib is None and args.method != "magnitude":
+        raise ValueError(f"--calib is required for --method {args.method} (only magnitude needs no "
+                         "calibration data)")
     torch.manual_seed(args.seed)
     model = _load_model(args.model)
     if args.device:
         model.to(args.device)
     quant = _quant_config(args)
-    batches, tokenizer = _calibration(args, model)
+    batches, tokenizer = _calibration(args, model) if args.calib is not None else (None, None)
+    if tokenizer is None and args.calib is None:
+        tokenizer = _saved_tokenizer(args.tokenizer or args.model)
+    options = {"sparsegpt": {"blocksize": args.blocksize, "percdamp": args.percdamp},
+               "magnitude": {"scope": args.magnitude_scope}}.get(args.method, {})
     report = prune_model(model, batches, args.method, args.sparsity, nm=args.nm, targets=args.targets,
-                         quant=quant, blocksize=args.blocksize, percdamp=args.percdamp,
-                         progress=not args.quiet)
+                         quant=quant, progress=not args.quiet, **options)
     args.out.mkdir(parents=True, exist_ok=True)
     if quant is not None:
         saved = _save_quantized(report, args.nm, args.out / "quantized_weights.safetensors")
@@ -187,7 +241,8 @@ def run_prune(args) -> int:
     summary = sparsity_report(model, args.targets)
     overall = summary.iloc[-1]
     (args.out / "prune_report.json").write_text(json.dumps({
-        "model": str(args.model), "calib": str(args.calib), "method": args.method,
+        "model": str(args.model), "calib": args.calib and str(args.calib), "method": args.method,
+        "options": {k: v for k, v in options.items() if k != "quantizer"},
         "sparsity": None if args.nm else args.sparsity, "nm": list(args.nm) if args.nm else None,
         "overall_sparsity": float(overall["sparsity"]), "layers": report.to_dict(orient="records"),
         "quant": quant.to_dict() if quant is not None else None,
@@ -243,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
-    except ValueError as error:  # bad arguments found by the library: usage error, not a traceback
-        parser.exit(2, f"sparsekit {args.command}: error: {error}\n")
+    except ValueError as error:
+        from sparsekit.prune.sparsegpt import HessianError
+
+        if isinstance(error, HessianError):  # the data, not the command line, is at fault
+            parser.exit(EXIT_BAD_STATISTICS, f"sparsekit {args.command}: the calibration statistics cannot "
+                        f"be used: {error}\n")
+        parser.exit(EXIT_USAGE, f"sparsekit {args.command}: error: {error}\n")  # bad arguments
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ Two kinds of pattern are supported everywhere in sparsekit:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from sparsekit import _validate
 from sparsekit.blocks import prunable_linears
 
 __all__ = [
@@ -33,35 +33,21 @@ __all__ = [
 def validate_sparsity(sparsity: float, name: str = "sparsity") -> float:
     """Return ``sparsity`` as a float after checking ``0 <= sparsity < 1``.
 
-    Raises ``ValueError`` naming ``name`` for NaN, infinities or values outside ``[0, 1)``, and
-    ``TypeError`` for non-numbers (booleans included).
+    Any real number is accepted (numpy scalars and 0-d tensors too); ``TypeError`` for non-numbers
+    (booleans included), ``ValueError`` naming ``name`` for NaN, infinities or values outside ``[0, 1)``.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        kind = type(sparsity).__name__
-        raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r} of type {kind}")
-    value = float(sparsity)
-    if math.isnan(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
-    return value
+    return _validate.sparsity(sparsity, name)
 
 
 def validate_nm(nm, in_features: int | None = None, name: str = "nm") -> tuple[int, int]:
-    """Return ``(n, m)`` after checking ``0 < n < m`` and, if given, ``in_features % m == 0``.
+    """Return ``(n, m)`` as ints after checking ``0 < n < m`` and, if given, ``in_features % m == 0``.
 
-    ``nm=(n, m)`` keeps ``n`` of every ``m`` consecutive inputs of a row.
+    ``nm=(n, m)`` *keeps* ``n`` of every ``m`` consecutive inputs of a row (2:4 keeps half, 1:4 is 75 %
+    sparse). The reference code's ``prunen``/``prunem`` arguments *prune* ``prunen`` of every ``prunem``:
+    our ``(n, m)`` is their ``(m - n, m)``. ``TypeError`` when ``nm`` is not a pair of integers,
+    ``ValueError`` for a pair outside ``0 < n < m`` or an ``m`` that does not divide ``in_features``.
     """
-    if not isinstance(nm, (tuple, list)) or len(nm) != 2:
-        raise ValueError(f"{name} must be a pair (n, m) with 0 < n < m, e.g. (2, 4); got {nm!r}")
-    n, m = nm
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)):
-        raise ValueError(f"{name} must hold two integers (n, m) with 0 < n < m; got {nm!r}")
-    if not 0 < n < m:
-        raise ValueError(f"{name}=(n, m) needs 0 < n < m (n kept of every m); got {n}:{m}")
-    if in_features is not None and in_features % m != 0:
-        raise ValueError(
-            f"{name}={n}:{m} needs in_features divisible by m={m}; got in_features={in_features}"
-        )
-    return n, m
+    return _validate.nm_pair(nm, name, in_features)
 
 
 def nm_sparsity(nm: tuple[int, int]) -> float:
@@ -72,6 +58,7 @@ def nm_sparsity(nm: tuple[int, int]) -> float:
 
 def is_nm_mask(mask: torch.Tensor, nm: tuple[int, int]) -> bool:
     """True when every group of ``m`` consecutive inputs of every row keeps at most ``n`` weights."""
+    _validate.tensor(mask, "mask", what="a bool tensor [..., in]")
     n, m = validate_nm(nm, mask.shape[-1])
     groups = mask.reshape(*mask.shape[:-1], -1, m)
     return bool((groups.sum(-1) <= n).all())

@@ -124,3 +124,41 @@ def test_book_command_passes_its_arguments_through(monkeypatch):
         build_parser().parse_args([])
     with pytest.raises(SystemExit):
         main(["prune", "m", "--calib", "c", "--out", "o", "--bogus"])
+
+
+def test_magnitude_needs_no_calibration_source(saved, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(saved / "mpt"), "--out", str(out), "--method", "magnitude",
+                 "--magnitude-scope", "layer", "--quiet"]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["calib"] is None and report["options"] == {"scope": "layer"}
+    assert report["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "overall sparsity of the pruned layers" in capsys.readouterr().out
+
+
+def test_calibration_source_required_for_methods_with_statistics(saved, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(saved / "mpt"), "--out", str(tmp_path / "x"), "--method", "wanda", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "--calib is required for --method wanda" in capsys.readouterr().err
+
+
+def test_unusable_statistics_are_not_a_usage_error(saved, tmp_path, capsys):
+    broken = MptForCausalLM.from_pretrained(saved / "mpt")
+    with torch.no_grad():
+        broken.transformer.blocks[0].ffn.up_proj.weight[0, 0] = float("nan")
+    broken.save_pretrained(tmp_path / "broken")
+    tiny_tokenizer().save_pretrained(tmp_path / "broken")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(tmp_path / "broken"), "--calib", str(saved / "calib.txt"), "--out",
+              str(tmp_path / "x"), "--n-calib", "4", "--seq-len", "8", "--quiet"])
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert "calibration statistics cannot be used" in err and "ffn.up_proj" in err
+
+
+def test_help_states_the_counting_conventions(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "round(S*n)" in text and "int(S*n)" in text and "KEEPS N of every M" in text and "prunen" in text

@@ -44,9 +44,15 @@ def test_non_numeric_sparsity_raises_type_error(bad):
         validate_sparsity(bad)
 
 
-@pytest.mark.parametrize("nm", [(4, 2), (2, 2), (0, 4), (-1, 4), (2,), (2.0, 4), "2:4"])
+@pytest.mark.parametrize("nm", [(4, 2), (2, 2), (0, 4), (-1, 4), (2,)])
 def test_bad_nm_raises_naming_the_argument(nm):
     with pytest.raises(ValueError, match="nm"):
+        validate_nm(nm)
+
+
+@pytest.mark.parametrize("nm", [(2.0, 4), "2:4", (True, 4), 2])
+def test_nm_of_the_wrong_type_raises_type_error(nm):
+    with pytest.raises(TypeError, match="nm"):
         validate_nm(nm)
 
 
@@ -172,3 +178,40 @@ def test_without_freezing_adamw_regrows_weights():
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert float(sparsity_report(model)["sparsity"].iloc[-1]) < 0.5
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 40), sparsity=st.floats(0, 0.99),
+       seed=st.integers(0, 999))
+def test_magnitude_layer_scope_one_threshold_for_the_whole_layer(rows, cols, sparsity, seed):
+    scales = torch.logspace(-2, 1, rows)[:, None]  # rows of different scales
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scales
+    pruned, mask = magnitude_prune(W, sparsity, scope="layer")
+    k = round(sparsity * W.numel())
+    assert int((~mask).sum()) == k and torch.equal(pruned, W * mask)
+    if 0 < k < W.numel():
+        assert float(W.abs()[mask].min()) >= float(W.abs()[~mask].max())
+
+
+def test_magnitude_layer_scope_is_the_papers_baseline_once_counts_match():
+    """SparseGPT's and Wanda's magnitude baseline: zero |W| <= sort(|W|)[int(s · numel)], one threshold."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g) * torch.logspace(-1, 1, 16)[:, None]  # rows of different scales
+    s = 0.5
+    threshold = torch.sort(W.abs().flatten()).values[int(W.numel() * s)]
+    reference = W.abs() > threshold  # kept
+    pruned_count = int((~reference).sum())  # int(s · numel) + 1: the reference's count
+    mask = magnitude_prune(W, pruned_count / W.numel(), scope="layer")[1]
+    assert torch.equal(mask, reference)
+    per_row = (~mask).float().mean(1)
+    assert float(per_row.max() - per_row.min()) > 0.5  # rows of different scales: very different sparsities
+    assert not torch.equal(magnitude_prune(W, s, scope="row")[1], magnitude_prune(W, s, scope="layer")[1])
+
+
+def test_magnitude_refuses_nan_weights_and_unknown_scope():
+    W = torch.randn(4, 8)
+    W[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="W must not hold NaN"):
+        magnitude_prune(W, 0.5)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        magnitude_prune(torch.randn(4, 8), 0.5, scope="global")

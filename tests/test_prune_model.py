@@ -238,17 +238,19 @@ def test_deterministic_and_restores_mode_and_cache_setting():
         ({"method": "obs"}, ValueError, "method must be one of"),
         ({"sparsity": 1.2}, ValueError, "sparsity must be in"),
         ({"nm": (2, 3)}, ValueError, "nm.*in_features divisible by m=3"),
-        ({"calib_batches": []}, ValueError, "calib_batches is empty"),
+        ({"calib_batches": []}, ValueError, "calib_batches must hold at least one batch"),
         ({"calib_batches": {"input_ids": torch.ones(1, 4, dtype=torch.long)}}, TypeError, "calib_batches"),
         ({"calib_batches": [torch.ones(1, 4)]}, TypeError, r"calib_batches\[0\]"),
         ({"targets": ["lm_head"]}, ValueError, "outside the transformer blocks"),
         ({"targets": ["nothing"]}, ValueError, "matches no nn.Linear"),
         ({"quant": "int8"}, TypeError, "quant must be None, a QuantConfig or a dict"),
-        ({"quant": {"bits": 3}}, ValueError, "bits must be one of"),
-        ({"quant": {"bits": 4, "group_size": 24}}, ValueError, "group_size=24 must divide in_features"),
-        ({"quant": {"bits": 4, "act_order": True}}, ValueError, "act_order=True cannot run jointly"),
         ({"nm": (2, 4), "blocksize": 6}, ValueError, "blocksize must be a multiple of m=4"),
         ({"blocksize": 0}, ValueError, "blocksize must be a positive int"),
+        ({"blocksize": 64.0}, TypeError, "blocksize must be a positive int"),
+        ({"method": "wanda", "blocksize": 64}, TypeError, "method 'wanda' takes no option.*blocksize"),
+        ({"method": "magnitude", "scope": "global"}, ValueError, "scope must be one of"),
+        ({"targets": "ffn.up_proj"}, TypeError, "targets must be a list of names, not a plain string"),
+        ({"calib_batches": None}, ValueError, "calib_batches must be a list of dicts.*'sparsegpt'"),
         ({"percdamp": -0.5}, ValueError, "percdamp must be"),
     ],
 )
@@ -274,3 +276,47 @@ def test_decoder_positions_without_labels_do_not_enter_the_statistics():
     prune_model(b, padded, "sparsegpt", 0.5, progress=False)
     for (name, la), (_, lb) in zip(prunable_linears(a), prunable_linears(b)):
         torch.testing.assert_close(la.weight, lb.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_magnitude_needs_no_calibration_data_and_runs_no_forward(scope):
+    dense, model = dense_model("llama"), dense_model("llama")
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    report = prune_model(model, None, "magnitude", 0.5, scope=scope, progress=False)
+    assert not calls  # no forward pass: no statistics, no Hessian
+    assert bool(report["rel_error"].isna().all())
+    expected = dict(prunable_linears(dense))
+    for name, linear in prunable_linears(model):
+        assert list(report["layer"]).count(name) == 1
+        W = weight_out_in(expected[name])
+        assert torch.equal(weight_out_in(linear), magnitude_prune(W, 0.5, scope=scope)[0]), name
+
+
+def test_magnitude_with_calibration_data_measures_its_error_with_the_same_masks():
+    a, b = dense_model("mpt"), dense_model("mpt")
+    measured = prune_model(a, text_batches(True), "magnitude", 0.5, scope="layer", progress=False)
+    blind = prune_model(b, None, "magnitude", 0.5, scope="layer", progress=False)
+    assert bool(measured["rel_error"].between(0, 1).all()) and bool(blind["rel_error"].isna().all())
+    for (name, la), (_, lb) in zip(prunable_linears(a), prunable_linears(b)):
+        assert torch.equal(la.weight, lb.weight), name
+
+
+def test_a_new_solver_is_one_table_entry_and_receives_quant_and_its_options(monkeypatch):
+    from sparsekit.prune import SOLVERS, Solver
+
+    seen = []
+
+    def halve(W, stats, sparsity, nm, name, quant, strength):
+        seen.append((name, stats.tokens, quant, strength))
+        return magnitude_prune(W, sparsity, nm)
+
+    monkeypatch.setitem(SOLVERS, "halve", Solver(halve, needs_calibration=True,
+                                                 options={"quant": None, "strength": 1}))
+    model = dense_model("mpt")
+    report = prune_model(model, text_batches(False), "halve", 0.5, quant={"bits": 4}, strength=2,
+                         progress=False)
+    assert [name for name, *_ in seen] == list(report["layer"]) == [n for n, _ in prunable_linears(model)]
+    assert all(tokens > 0 and quant == {"bits": 4} and strength == 2 for _, tokens, quant, strength in seen)
+    with pytest.raises(TypeError, match="method 'halve' takes no option.*'scope'.*it takes"):
+        prune_model(dense_model("mpt"), text_batches(False), "halve", 0.5, scope="row", progress=False)

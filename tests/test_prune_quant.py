@@ -32,7 +32,8 @@ def check_quantized_model(model, report, quant, sparsity):
 ])
 def test_prune_model_quantizes_every_layer_and_keeps_masks(kind, method, quant):
     model = dense_model(kind)
-    report = prune_model(model, BATCHES[kind](True), method, 0.5, quant=quant, blocksize=16, progress=False)
+    options = {"blocksize": 16} if method == "sparsegpt" else {}
+    report = prune_model(model, BATCHES[kind](True), method, 0.5, quant=quant, progress=False, **options)
     check_quantized_model(model, report, quant, 0.5)
 
 
@@ -44,6 +45,30 @@ def test_joint_report_compresses_exactly_into_the_bitmask_format():
         weight = layer.compress("bitmask")
         assert weight.bits == 4 and torch.equal(weight.mask(), layer.mask), name
         assert torch.equal(weight.to_dense(), linear.weight.detach()), name
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"quant": {"bits": 3}}, ValueError, "bits must be one of"),
+    ({"quant": {"bits": 4, "group_size": 24}}, ValueError, "group_size=24 must divide in_features=32"),
+    ({"quant": {"bits": 4, "act_order": True}}, ValueError, "act_order=True cannot run jointly"),
+    ({"quant": {"bits": 4, "awq": True}}, ValueError, "unknown keys \\['awq'\\]"),
+    ({"quant": {"bits": 8}, "quantizer": lambda c, i, w: c}, ValueError, "either quant .* custom quantizer"),
+    ({"quant": {"bits": 8}, "method": "magnitude", "calib_batches": None}, ValueError, "needs calib_batches"),
+])
+def test_bad_quant_arguments_raise_before_touching_the_model(kwargs, error, match):
+    args = {"calib_batches": BATCHES["mpt"](False), "method": "sparsegpt", "sparsity": 0.5, "progress": False}
+    args.update(kwargs)
+    model = dense_model("mpt")
+    with pytest.raises(error, match=match):
+        prune_model(model, **args)
+    for (name, param), dense in zip(model.named_parameters(), dense_model("mpt").parameters()):
+        assert torch.equal(param, dense), name
+
+
+def test_magnitude_with_rtn_needs_no_calibration():
+    model = dense_model("mpt")
+    report = prune_model(model, None, "magnitude", 0.5, quant={"bits": 8, "method": "rtn"}, progress=False)
+    check_quantized_model(model, report, QuantConfig(bits=8, method="rtn"), 0.5)
 
 
 def test_nm_joint_int8_keeps_the_pattern_and_stores_as_nm():

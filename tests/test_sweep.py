@@ -67,3 +67,18 @@ def test_sweep_skips_nm_patterns_the_model_cannot_take():
         results, _ = one_shot_sweep(TinyTask(teacher), teacher, methods=("magnitude",), sparsities=(),
                                     nms=((2, 4), (16, 32)), progress=False)
     assert list(results.pattern) == ["0%", "2:4"]
+
+
+def test_sweep_magnitude_is_the_papers_per_layer_baseline_and_the_row_variant_is_available():
+    torch.manual_seed(0)
+    teacher = MptForCausalLM(MptConfig(d_model=64, n_heads=2, n_layers=2, expansion_ratio=2, vocab_size=64))
+    with torch.no_grad():  # rows of very different scales: the two thresholds differ
+        for block in teacher.transformer.blocks:
+            block.ffn.up_proj.weight.mul_(torch.logspace(-1, 1, block.ffn.up_proj.weight.shape[0])[:, None])
+    results, layers = one_shot_sweep(TinyTask(teacher), teacher, methods=("magnitude", "magnitude-row"),
+                                     sparsities=(0.5,), progress=False)
+    assert list(results.method) == ["dense", "magnitude", "magnitude-row"]
+    assert (results[results.method != "dense"].reached - 0.5).abs().max() < 1e-3
+    errors = layers.set_index(["method", "layer"]).rel_error
+    up = "transformer.blocks.0.ffn.up_proj"
+    assert errors[("magnitude", up)] != pytest.approx(errors[("magnitude-row", up)], rel=1e-3)

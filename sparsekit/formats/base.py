@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import torch
 
+from sparsekit import _validate
+
 __all__ = ["SparseWeight", "FORMATS", "register_format", "VALUE_DTYPES", "check_values_dtype", "pack_bits",
            "unpack_bits", "dense_mask"]
 
@@ -34,20 +36,15 @@ def check_values_dtype(dtype: torch.dtype, allowed=VALUE_DTYPES, name: str = "dt
 
 def check_weight(W: torch.Tensor, name: str = "W") -> torch.Tensor:
     """``W`` must be a 2-D floating tensor (any layout); returned detached."""
-    if not isinstance(W, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [rows, cols], got {type(W).__name__}")
-    if W.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [rows, cols], got shape {tuple(W.shape)}")
-    if not W.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor, got dtype {W.dtype}")
-    return W.detach()
+    return _validate.tensor(W, name, dim=2, floating=True, what="a 2-D tensor [rows, cols]").detach()
 
 
 def dense_mask(W: torch.Tensor, mask: torch.Tensor | None, name: str = "mask") -> torch.Tensor:
     """The kept positions: ``mask`` if given (bool, W's shape, no non-zero outside it), else ``W != 0``."""
     if mask is None:
         return W != 0
-    if not isinstance(mask, torch.Tensor) or mask.shape != W.shape or mask.dtype != torch.bool:
+    _validate.tensor(mask, name, what=f"a bool tensor of shape {tuple(W.shape)} (True = kept) or None")
+    if mask.shape != W.shape or mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor of shape {tuple(W.shape)}, got "
                          f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
     mask = mask.to(W.device)
@@ -166,7 +163,7 @@ class SparseWeight:
     def _check_part(self, part: str, dtypes, shape=None, dim=None) -> torch.Tensor:
         tensor = getattr(self, part)
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{self.format} part {part!r} must be a tensor, got {type(tensor).__name__}")
+            raise TypeError(f"{self.format} part {part!r} must be a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in dtypes:
             raise ValueError(f"{self.format} part {part!r} must have dtype in {[str(d) for d in dtypes]}, "
                              f"got {tensor.dtype}")
@@ -181,7 +178,9 @@ class SparseWeight:
 
 
 def check_shape(shape) -> tuple[int, int]:
-    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape)):
-        raise ValueError(f"shape must be (rows, cols) with non-negative ints, got {shape!r}")
-    return int(shape[0]), int(shape[1])
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a pair (rows, cols) of non-negative ints, got {shape!r}")
+    if len(shape) != 2:
+        raise ValueError(f"shape must be a pair (rows, cols) of non-negative ints, got {shape!r}")
+    rows, cols = (_validate.integer(s, f"shape[{i}]", low=0) for i, s in enumerate(shape))
+    return rows, cols

@@ -43,8 +43,10 @@ def save_sparse(path, weights: dict, metadata: dict[str, str] | None = None) -> 
 
     ``metadata`` (str -> str) is stored beside sparsekit's own entry.
     """
-    if not isinstance(weights, dict) or not weights:
-        raise ValueError(f"weights must be a non-empty dict -> SparseWeight | Tensor, got {type(weights)}")
+    if not isinstance(weights, dict):
+        raise TypeError(f"weights must be a non-empty dict -> SparseWeight | Tensor, got {type(weights)}")
+    if not weights:
+        raise ValueError("weights must be a non-empty dict -> SparseWeight | Tensor, got {}")
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, weight in weights.items():

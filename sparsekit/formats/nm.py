@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekit import _validate
 from sparsekit.formats import quantized as quant
 from sparsekit.formats.base import (
     VALUE_DTYPES,
@@ -35,7 +36,6 @@ from sparsekit.formats.base import (
     register_format,
     unpack_bits,
 )
-from sparsekit.masks import validate_nm
 
 __all__ = ["NMWeight"]
 
@@ -64,7 +64,7 @@ class NMWeight(SparseWeight):
     def __init__(self, shape, nm, bitmask: torch.Tensor, values: torch.Tensor, validate: bool = True, *,
                  bits: int | None = None, group_size: int | None = None, scales: torch.Tensor | None = None):
         self.shape = check_shape(shape)
-        self.n, self.m = validate_nm(nm, self.shape[1])
+        self.n, self.m = _validate.nm_pair(nm, "nm", in_features=self.shape[1])
         self.bitmask, self.values = bitmask, values
         self.bits, self.group_size = quant.check_quant_attributes(bits, group_size, scales, self.shape[1])
         self.scales = scales
@@ -93,7 +93,7 @@ class NMWeight(SparseWeight):
         ``group_size`` inputs, default per-channel) on ``scales`` if given, else fitted by round-to-nearest.
         """
         W = check_weight(W)
-        n, m = validate_nm(nm, W.shape[1], name="nm")
+        n, m = _validate.nm_pair(nm, "nm", in_features=W.shape[1])
         mask = _full_nm_mask(dense_mask(W, mask), n, m, "W")
         if bits is None:
             quant.check_quant_attributes(bits, group_size, scales, W.shape[1])
@@ -110,7 +110,7 @@ class NMWeight(SparseWeight):
         """Store a symmetric :class:`~sparsekit.quant.QuantizedWeight` whose mask (default: its non-zero
         codes) keeps at most ``n`` of every ``m``."""
         codes, mask = quant.codes_of_quantized(quantized, mask)
-        n, m = validate_nm(nm, codes.shape[1], name="nm")
+        n, m = _validate.nm_pair(nm, "nm", in_features=codes.shape[1])
         mask = _full_nm_mask(mask, n, m, "quantized")
         return cls._build(mask, (n, m), codes[mask], quantized.bits, quantized.group_size,
                           quantized.scales.to(torch.float16))

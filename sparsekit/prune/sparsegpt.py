@@ -19,13 +19,12 @@ held transposed, ``[in, out]``, so that a column of ``W`` is a contiguous row.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
 import torch
 
-from sparsekit.masks import validate_nm, validate_sparsity
+from sparsekit import _validate
 
 __all__ = ["sparsegpt_prune", "inverse_hessian_factor", "HessianError", "Quantizer"]
 
@@ -86,27 +85,31 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = 
         damp = 0.01 if damp == 0 else damp * 10
 
 
-def _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer) -> tuple[int, int] | None:
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"W must be a 2-D tensor [out, in], got {getattr(W, 'shape', type(W))}")
+def _check_arguments(W, H, sparsity, nm, blocksize, percdamp, quantizer):
+    """The arguments of :func:`sparsegpt_prune`, checked and normalised."""
+    _validate.tensor(W, "W", dim=2, what="a 2-D tensor [out, in]")
     cols = W.shape[1]
-    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (cols, cols):
-        raise ValueError(f"H must be a [{cols}, {cols}] tensor (in × in of W {tuple(W.shape)}), "
-                         f"got {getattr(H, 'shape', type(H))}")
-    validate_sparsity(sparsity)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < math.inf:
-        raise ValueError(f"percdamp must be a finite float >= 0, got {percdamp!r}")
+    _validate.tensor(H, "H", shape=(cols, cols),
+                     what=f"a [{cols}, {cols}] tensor (in × in of W {tuple(W.shape)})")
+    sparsity = _validate.sparsity(sparsity)
     if quantizer is not None and not callable(quantizer):
         raise TypeError(f"quantizer must be callable (column, index, weight) -> column or None, "
                         f"got {type(quantizer).__name__}")
+    return (sparsity, *solver_options(blocksize, percdamp, nm, cols))
+
+
+def solver_options(blocksize, percdamp, nm=None, in_features: int | None = None):
+    """Check SparseGPT's ``blocksize`` (an int >= 1, a multiple of ``m`` for ``n:m``) and ``percdamp``
+    (a finite number >= 0); return ``(blocksize, percdamp, (n, m) or None)`` as Python numbers."""
+    blocksize = _validate.integer(blocksize, "blocksize", low=1)
+    percdamp = _validate.real(percdamp, "percdamp", low=0.0,
+                              allowed="a finite number >= 0 (the dampening fraction)")
     if nm is None:
-        return None
-    n, m = validate_nm(nm, cols)
+        return blocksize, percdamp, None
+    n, m = _validate.nm_pair(nm, "nm", in_features=in_features)
     if blocksize % m:
         raise ValueError(f"blocksize must be a multiple of m={m} for nm={n}:{m}, got blocksize={blocksize}")
-    return n, m
+    return blocksize, percdamp, (n, m)
 
 
 def _block_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -139,12 +142,16 @@ def sparsegpt_prune(
 
     Returns ``(W_pruned, mask)``: ``W_pruned`` in ``W``'s dtype and device, ``mask`` bool ``[out, in]``,
     True = kept, ``W_pruned == 0`` wherever ``mask`` is False. Unstructured sparsity is exact per block
-    of ``blocksize`` columns; ``nm=(n, m)`` (overrides ``sparsity``) keeps n of every m inputs of a row.
+    of ``blocksize`` columns: ``round(sparsity · out · count)`` weights of a block of ``count`` columns
+    are pruned (the reference code prunes the scores ``<=`` the ``int(sparsity · numel)``-th smallest,
+    i.e. ``int(sparsity · numel) + 1`` when that score is unique). ``nm=(n, m)`` (overrides ``sparsity``)
+    *keeps* n of every m inputs of a row; the reference's ``prunen:prunem`` *prunes* ``prunen``.
     Dead inputs are zeroed in ``W_pruned`` whatever the mask says. ``quantizer``: see :data:`Quantizer`.
     ``name`` labels the layer in errors. Raises :class:`HessianError` (a ``ValueError``) for NaN/Inf in
     ``W`` or ``H``, a negative diagonal of ``H``, or an ``H`` that dampening cannot make positive definite.
     """
-    nm_pair = _validate(W, H, sparsity, nm, blocksize, percdamp, quantizer)
+    sparsity, blocksize, percdamp, nm_pair = _check_arguments(W, H, sparsity, nm, blocksize, percdamp,
+                                                              quantizer)
     _check_finite(W, "W", name)
     _check_finite(H, "H", name)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)

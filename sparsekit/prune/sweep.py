@@ -2,6 +2,10 @@
 
 This is the "before fine-tuning" experiment of the paper: each method prunes a fresh copy of the dense
 teacher with the same calibration batches, and the pruned model is scored with the task's metric.
+
+A method of the sweep is a :data:`VARIANTS` entry: a solver of :func:`sparsekit.prune.prune_model` with
+its options. ``"magnitude"`` is the papers' magnitude baseline, one threshold per layer (SparseGPT's and
+Wanda's papers and code); ``"magnitude-row"`` is the per-row variant (every row equally sparse).
 """
 
 from __future__ import annotations
@@ -13,10 +17,17 @@ from collections.abc import Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
+from sparsekit import _validate
 from sparsekit.masks import nm_sparsity, validate_nm, validate_sparsity
 
-__all__ = ["one_shot_sweep", "pattern_label", "METHODS"]
+__all__ = ["one_shot_sweep", "pattern_label", "METHODS", "VARIANTS"]
 
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "magnitude": ("magnitude", {"scope": "layer"}),  # the papers' baseline: one threshold per layer
+    "magnitude-row": ("magnitude", {"scope": "row"}),
+    "wanda": ("wanda", {}),
+    "sparsegpt": ("sparsegpt", {}),
+}
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -43,7 +54,7 @@ def one_shot_sweep(task, teacher, methods: Sequence[str] = METHODS, sparsities: 
                    nms: Sequence[tuple[int, int]] = (), scale: str = "book", split: str = "test",
                    limit: int | None = None, n_calib: int = 128, calib_batch_size: int = 16,
                    progress: bool = True):
-    """Prune a copy of ``teacher`` with each method and pattern; evaluate each on ``split``.
+    """Prune a copy of ``teacher`` with each method (a :data:`VARIANTS` key) and pattern; evaluate each.
 
     Returns ``(results, layers)``:
 
@@ -55,9 +66,8 @@ def one_shot_sweep(task, teacher, methods: Sequence[str] = METHODS, sparsities: 
     """
     from sparsekit.prune import prune_model
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"methods must be among {METHODS}, got unknown {unknown}")
+    for method in _validate.names(methods, "methods"):
+        _validate.choice(method, "methods entry", VARIANTS)
     patterns = list(_patterns(sparsities, nms))
     for pattern in [p for p in patterns if not _fits(teacher, p["nm"])]:
         n, m = pattern["nm"]
@@ -76,8 +86,9 @@ def one_shot_sweep(task, teacher, methods: Sequence[str] = METHODS, sparsities: 
         label = pattern_label(pattern["sparsity"], pattern["nm"])
         model = task.student_like(teacher).eval()
         start = time.perf_counter()
-        report = prune_model(model, calib, method=method, sparsity=pattern["sparsity"], nm=pattern["nm"],
-                             progress=False)
+        solver, options = VARIANTS[method]
+        report = prune_model(model, calib, method=solver, sparsity=pattern["sparsity"], nm=pattern["nm"],
+                             progress=False, **options)
         pruned = time.perf_counter()
         metrics = task.evaluate(model, split=split, limit=limit, scale=scale)
         weights = report["shape"].map(lambda shape: shape[0] * shape[1])

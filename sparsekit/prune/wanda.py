@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekit import _validate
 from sparsekit.prune.magnitude import mask_from_scores
 
 __all__ = ["wanda_prune"]
@@ -19,19 +20,20 @@ def wanda_prune(W: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: float = 0.
     """Prune ``W`` ``[out, in]`` given ``act_sq_norm`` ``[in]`` = ``Σ x²`` over calibration tokens.
 
     Returns ``(W ⊙ mask, mask)`` with ``mask`` bool ``[out, in]``, True = kept; ``nm=(n, m)`` overrides
-    ``sparsity``. Raises ``ValueError`` for a wrong shape, NaN/Inf or negative ``act_sq_norm``.
+    ``sparsity``; ``round(sparsity · in)`` weights are pruned per row (the reference prunes
+    ``int(sparsity · in)``). Raises ``TypeError`` for a non-tensor ``W`` or ``act_sq_norm``, ``ValueError``
+    for a wrong shape, NaN/Inf in ``W``, or NaN/Inf or negative ``act_sq_norm``.
     """
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"W must be a 2-D tensor [out, in], got {getattr(W, 'shape', type(W))}")
-    if not isinstance(act_sq_norm, torch.Tensor) or tuple(act_sq_norm.shape) != (W.shape[1],):
-        raise ValueError(f"act_sq_norm must be a [{W.shape[1]}] tensor (Σ x² per input of W "
-                         f"{tuple(W.shape)}), got {getattr(act_sq_norm, 'shape', type(act_sq_norm))}")
+    _validate.tensor(W, "W", dim=2, what="a 2-D tensor [out, in]")
+    _validate.tensor(act_sq_norm, "act_sq_norm", shape=(W.shape[1],),
+                     what=f"a [{W.shape[1]}] tensor (Σ x² per input of W {tuple(W.shape)})")
     act = act_sq_norm.detach().to(device=W.device, dtype=torch.float32)
     if not torch.isfinite(act).all() or (act < 0).any():
         raise ValueError("act_sq_norm must be finite and >= 0 (a sum of squares); got "
                          f"{int((~torch.isfinite(act)).sum())} NaN/Inf and {int((act < 0).sum())} negative")
     if not torch.isfinite(W).all():
-        raise ValueError("W has NaN/Inf entries; refusing to prune it")
+        raise ValueError(f"W must be finite; got {int((~torch.isfinite(W)).sum())} NaN/Inf weights, "
+                         "refusing to prune it")
     scores = W.detach().abs().float() * act.sqrt()[None, :]
     mask = mask_from_scores(scores, sparsity, nm)
     return W * mask, mask

@@ -83,13 +83,35 @@ class QuantConfig:
         self.check_method(method)
         return GroupQuantizer(tuple(shape), self.bits, self.group_size, self.symmetric, device=device)
 
-    def quantize_pruned(self, W: torch.Tensor, H: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01,
-                        name: str = "layer") -> tuple[torch.Tensor, QuantizedWeight]:
+    @property
+    def needs_statistics(self) -> bool:
+        """GPTQ reads the layer's ``H``; RTN needs no data."""
+        return self.method == "gptq"
+
+    def quantize_pruned(self, W: torch.Tensor, H: torch.Tensor | None, blocksize: int = 128,
+                        percdamp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, QuantizedWeight]:
         """Quantize an already pruned ``W [out, in]`` (its zeros stay zero) by ``self.method``."""
         if self.method == "rtn":
             return quantize_rtn(W, self.bits, self.group_size, self.symmetric)
+        if H is None:
+            raise ValueError(f"quant method 'gptq' needs calibration statistics for layer {name!r}; pass "
+                             "calib_batches or use method='rtn'")
         return gptq_quantize(W, H, self.bits, self.group_size, self.symmetric, self.act_order, blocksize,
                              percdamp, name=name)
+
+    def finish(self, W: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, H: torch.Tensor | None,
+               joint: GroupQuantizer | None, blocksize: int = 128, percdamp: float = 0.01,
+               name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, QuantizedLayer]:
+        """A pruning solver's result quantized: ``(Ŵ in W's dtype, mask, QuantizedLayer)``.
+
+        ``joint``: the quantizer that already ran inside SparseGPT (its codes are the result); otherwise
+        the pruned weight (masked) is quantized now by :meth:`quantize_pruned`.
+        """
+        if joint is not None:
+            quantized = joint.result()
+        else:
+            _, quantized = self.quantize_pruned(pruned * mask, H, blocksize, percdamp, name=name)
+        return quantized.dequantize().to(W.dtype), mask, QuantizedLayer(quantized, mask)
 
 
 @dataclass(eq=False)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparsekit import _validate
 from sparsekit.tasks import cache
 from sparsekit.tasks.training import seed_everything, train
 
@@ -250,10 +251,9 @@ class Task:
     def calibration_batches(self, n: int = 128, batch_size: int = 16, scale: str = "book") -> list[dict]:
         """The first ``n`` calibration rows collated in batches (labels included; harmless for pruning)."""
         rows = self.rows("calibration", scale)
-        if not isinstance(n, int) or not 1 <= n <= len(rows):
-            raise ValueError(f"n must be an int in [1, {len(rows)}] (calibration rows), got {n!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        n = _validate.integer(n, "n", low=1, high=len(rows),
+                              allowed=f"an integer in [1, {len(rows)}] (calibration rows)")
+        batch_size = _validate.integer(batch_size, "batch_size", low=1)
         return [self.collate(rows[i : min(n, i + batch_size)], scale) for i in range(0, n, batch_size)]
 
     # ---- teacher ------------------------------------------------------------------------------

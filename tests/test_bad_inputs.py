@@ -1,0 +1,251 @@
+"""One input convention across the public API: a table of bad inputs and what each must raise.
+
+Every row is ``(bad call, error type, argument name)``: a wrong type raises ``TypeError``, a wrong value
+``ValueError``, and the message names the argument (and shows its value). The last tests check the other
+half of the convention: numpy scalars and 0-d tensors are numbers.
+"""
+
+import copy
+import functools
+import re
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sparsekit import tasks
+from sparsekit.blocks import capture_linear_inputs
+from sparsekit.cli import main, text_calibration_batches
+from sparsekit.formats import BitmaskWeight, NMWeight, compress, save_sparse
+from sparsekit.masks import (
+    freeze_masks,
+    is_nm_mask,
+    nm_sparsity,
+    sparsity_report,
+    validate_nm,
+    validate_sparsity,
+)
+from sparsekit.prune import HessianError, magnitude_prune, prune_model, sparsegpt_prune, wanda_prune
+from sparsekit.prune.sweep import one_shot_sweep
+
+W = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+H = torch.eye(16)
+ACT = torch.rand(16)
+
+
+def nan_in(tensor):
+    tensor = tensor.clone()
+    tensor.view(-1)[3] = float("nan")
+    return tensor
+
+
+@functools.cache
+def _tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=50,
+                                        max_position_embeddings=32)).eval()
+
+
+def model():
+    return copy.deepcopy(_tiny_llama())
+
+
+def batches(**change):
+    batch = {"input_ids": torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    return [{**batch, **change}]
+
+
+def prune(**kwargs):
+    args = {"calib_batches": batches(), "method": "sparsegpt", "sparsity": 0.5, "progress": False}
+    return lambda: prune_model(model(), **{**args, **kwargs})
+
+
+class FakeTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+TEXT = " ".join(["word"] * 64)
+
+CASES = [
+    # --- pruners
+    ("magnitude W not a tensor", lambda: magnitude_prune(W.tolist(), 0.5), TypeError, "W"),
+    ("magnitude W 1-D", lambda: magnitude_prune(W[0], 0.5), ValueError, "W"),
+    ("magnitude NaN weight kept (case 3)", lambda: magnitude_prune(nan_in(W), 0.5), ValueError, "W"),
+    ("magnitude sparsity bool", lambda: magnitude_prune(W, True), TypeError, "sparsity"),
+    ("magnitude sparsity str", lambda: magnitude_prune(W, "0.5"), TypeError, "sparsity"),
+    ("magnitude sparsity 1.0", lambda: magnitude_prune(W, 1.0), ValueError, "sparsity"),
+    ("magnitude sparsity NaN", lambda: magnitude_prune(W, float("nan")), ValueError, "sparsity"),
+    ("magnitude scope unknown", lambda: magnitude_prune(W, 0.5, scope="global"), ValueError, "scope"),
+    ("magnitude nm float entries", lambda: magnitude_prune(W, nm=(2.5, 4)), TypeError, "nm"),
+    ("magnitude nm as text", lambda: magnitude_prune(W, nm="2:4"), TypeError, "nm"),
+    ("magnitude nm n >= m", lambda: magnitude_prune(W, nm=(4, 4)), ValueError, "nm"),
+    ("magnitude nm m not dividing in", lambda: magnitude_prune(W, nm=(2, 3)), ValueError, "nm"),
+    ("wanda W numpy (case 10)", lambda: wanda_prune(W.numpy(), ACT, 0.5), TypeError, "W"),
+    ("wanda act_sq_norm a list", lambda: wanda_prune(W, ACT.tolist(), 0.5), TypeError, "act_sq_norm"),
+    ("wanda act_sq_norm wrong length", lambda: wanda_prune(W, ACT[:7], 0.5), ValueError, "act_sq_norm"),
+    ("wanda act_sq_norm negative", lambda: wanda_prune(W, -ACT, 0.5), ValueError, "act_sq_norm"),
+    ("wanda NaN weight", lambda: wanda_prune(nan_in(W), ACT, 0.5), ValueError, "W"),
+    ("sparsegpt W not a tensor (case 10)", lambda: sparsegpt_prune(W.tolist(), H), TypeError, "W"),
+    ("sparsegpt H not a tensor", lambda: sparsegpt_prune(W, H.numpy()), TypeError, "H"),
+    ("sparsegpt H wrong shape", lambda: sparsegpt_prune(W, torch.eye(8)), ValueError, "H"),
+    ("sparsegpt H with NaN", lambda: sparsegpt_prune(W, nan_in(H)), HessianError, "H"),
+    ("sparsegpt blocksize 0", lambda: sparsegpt_prune(W, H, blocksize=0), ValueError, "blocksize"),
+    ("sparsegpt blocksize float", lambda: sparsegpt_prune(W, H, blocksize=64.0), TypeError, "blocksize"),
+    ("sparsegpt blocksize not multiple of m", lambda: sparsegpt_prune(W, H, nm=(2, 4), blocksize=6),
+     ValueError, "blocksize"),
+    ("sparsegpt percdamp NaN", lambda: sparsegpt_prune(W, H, percdamp=float("nan")), ValueError, "percdamp"),
+    ("sparsegpt quantizer not callable", lambda: sparsegpt_prune(W, H, quantizer=8), TypeError, "quantizer"),
+    # --- driver
+    ("prune_model method unknown", prune(method="obs"), ValueError, "method"),
+    ("prune_model targets a plain string (case 4)", prune(targets="mlp.up_proj"), TypeError, "targets"),
+    ("prune_model targets matching nothing", prune(targets=["nothing"]), ValueError, "targets"),
+    ("prune_model targets outside the blocks", prune(targets=["lm_head"]), ValueError, "targets"),
+    ("prune_model targets of non-strings", prune(targets=[3]), TypeError, "targets"),
+    ("prune_model calib_batches one dict", prune(calib_batches=batches()[0]), TypeError, "calib_batches"),
+    ("prune_model calib_batches empty", prune(calib_batches=[]), ValueError, "calib_batches"),
+    ("prune_model calib_batches None for sparsegpt", prune(calib_batches=None), ValueError, "calib_batches"),
+    ("prune_model calib_batches entry not a dict", prune(calib_batches=[torch.ones(2, 8)]), TypeError,
+     "calib_batches[0]"),
+    ("prune_model padding mask of the wrong shape (case 8)",
+     prune(calib_batches=batches(attention_mask=torch.ones(2, 7, dtype=torch.long))), ValueError,
+     "attention_mask"),
+    ("prune_model padding mask not a tensor", prune(calib_batches=batches(attention_mask=[[1] * 8] * 2)),
+     TypeError, "attention_mask"),
+    ("prune_model quant not a config", prune(quant="int8"), TypeError, "quant"),
+    ("prune_model quant bits 3", prune(quant={"bits": 3}), ValueError, "bits"),
+    ("prune_model quant group size", prune(quant={"bits": 4, "group_size": 5}), ValueError, "group_size"),
+    ("prune_model option of another method", prune(method="wanda", blocksize=64), TypeError, "blocksize"),
+    ("prune_model sparsity numpy bool", prune(sparsity=np.bool_(True)), TypeError, "sparsity"),
+    ("prune_model nm not dividing a layer", prune(nm=(2, 3)), ValueError, "nm"),
+    ("prune_model percdamp negative", prune(percdamp=-1.0), ValueError, "percdamp"),
+    ("prune_model magnitude scope unknown", prune(method="magnitude", scope="global"), ValueError, "scope"),
+    ("one_shot_sweep methods a plain string", lambda: one_shot_sweep(None, None, methods="wanda"), TypeError,
+     "methods"),
+    ("one_shot_sweep method unknown", lambda: one_shot_sweep(None, None, methods=["obs"]), ValueError,
+     "methods"),
+    # --- masks
+    ("validate_sparsity infinity", lambda: validate_sparsity(float("inf")), ValueError, "sparsity"),
+    ("validate_sparsity None", lambda: validate_sparsity(None), TypeError, "sparsity"),
+    ("validate_nm one entry", lambda: validate_nm((2,)), ValueError, "nm"),
+    ("validate_nm bool entry", lambda: validate_nm((True, 4)), TypeError, "nm"),
+    ("nm_sparsity n > m", lambda: nm_sparsity((4, 2)), ValueError, "nm"),
+    ("is_nm_mask m not dividing", lambda: is_nm_mask(W != 0, (2, 3)), ValueError, "nm"),
+    ("is_nm_mask mask a list", lambda: is_nm_mask((W != 0).tolist(), (2, 4)), TypeError, "mask"),
+    ("capture_linear_inputs max_tokens 0",
+     lambda: capture_linear_inputs(model(), model().model.layers[0].mlp.up_proj, batches(), max_tokens=0),
+     ValueError, "max_tokens"),
+    ("sparsity_report targets a plain string", lambda: sparsity_report(model(), "mlp.up_proj"), TypeError,
+     "targets"),
+    ("freeze_masks targets of non-strings", lambda: freeze_masks(model(), [1]), TypeError, "targets"),
+    # --- formats
+    ("bitmask W a list (case 10)", lambda: BitmaskWeight.from_dense(W.tolist()), TypeError, "W"),
+    ("bitmask W of integers", lambda: BitmaskWeight.from_dense(W.long()), ValueError, "W"),
+    ("bitmask mask a list", lambda: BitmaskWeight.from_dense(W, mask=(W != 0).tolist()), TypeError, "mask"),
+    ("bitmask mask float", lambda: BitmaskWeight.from_dense(W, mask=(W != 0).float()), ValueError, "mask"),
+    ("bitmask negative shape", lambda: BitmaskWeight((8, -1), None, None, None), ValueError, "shape"),
+    ("bitmask shape a number", lambda: BitmaskWeight(8, None, None, None), TypeError, "shape"),
+    ("nm format nm float entries", lambda: NMWeight.from_dense(W, nm=(2.0, 4)), TypeError, "nm"),
+    ("nm format W violating the pattern", lambda: NMWeight.from_dense(W, nm=(2, 4)), ValueError, "W"),
+    ("compress format unknown", lambda: compress(W, format="coo"), ValueError, "format"),
+    ("save_sparse weights a list", lambda: save_sparse("/nonexistent/x.safetensors", [W]), TypeError,
+     "weights"),
+    ("save_sparse weights empty", lambda: save_sparse("/nonexistent/x.safetensors", {}), ValueError,
+     "weights"),
+    # --- tasks and calibration data
+    ("task name unknown", lambda: tasks.get("chess"), ValueError, "name"),
+    ("task calibration n=True (case 5)",
+     lambda: tasks.get("translation").calibration_batches(n=True, scale="smoke"), TypeError, "n"),
+    ("task calibration n=0", lambda: tasks.get("translation").calibration_batches(n=0, scale="smoke"),
+     ValueError, "n"),
+    ("task calibration batch_size float",
+     lambda: tasks.get("translation").calibration_batches(n=4, batch_size=2.0, scale="smoke"), TypeError,
+     "batch_size"),
+    ("text calibration seq_len float", lambda: text_calibration_batches(FakeTokenizer(), TEXT, 2, 8.0, 1),
+     TypeError, "seq_len"),
+    ("text calibration n=0", lambda: text_calibration_batches(FakeTokenizer(), TEXT, 0, 8, 1), ValueError,
+     "n"),
+]
+
+
+@pytest.mark.parametrize("call, error, argument", [case[1:] for case in CASES],
+                         ids=[case[0] for case in CASES])
+def test_bad_input_raises_the_conventional_error_naming_the_argument(call, error, argument):
+    with pytest.raises(error) as info:
+        call()
+    assert type(info.value) is error or error is HessianError, type(info.value)
+    assert re.search(rf"(^|\W){re.escape(argument)}(\W|$)", str(info.value)), str(info.value)
+
+
+def test_the_table_is_large_and_has_no_duplicates():
+    assert len(CASES) >= 30 and len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_cli")
+    _tiny_llama().save_pretrained(root / "llama")
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "word": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(root / "llama")
+    (root / "calib.txt").write_text(TEXT)
+    return root
+
+
+CLI_CASES = [
+    ("sparsity above 1", ["--sparsity", "1.5"], 2, "sparsity"),
+    ("nm with n > m", ["--nm", "4:2"], 2, "nm"),
+    ("nm not N:M", ["--nm", "2-4"], 2, "--nm"),
+    ("method unknown", ["--method", "obs"], 2, "--method"),
+    ("blocksize zero", ["--blocksize", "0"], 2, "blocksize"),
+    ("calibration sequences zero", ["--n-calib", "0"], 2, "--n-calib"),
+    ("percdamp negative", ["--percdamp", "-1"], 2, "--percdamp"),
+    ("no calibration source for sparsegpt", ["--calib-none"], 2, "--calib"),
+]
+
+
+@pytest.mark.parametrize("extra, code, argument", [case[1:] for case in CLI_CASES],
+                         ids=[case[0] for case in CLI_CASES])
+def test_bad_cli_input_exits_with_a_usage_error_naming_the_argument(saved_model, tmp_path, capsys, extra,
+                                                                    code, argument):
+    calib = [] if extra == ["--calib-none"] else ["--calib", str(saved_model / "calib.txt")]
+    extra = [] if extra == ["--calib-none"] else extra
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(saved_model / "llama"), *calib, "--out", str(tmp_path / "out"), "--seq-len", "8",
+              "--n-calib", "2", "--quiet", *extra])
+    assert info.value.code == code
+    assert re.search(rf"(^|\W){re.escape(argument)}(\W|$)", capsys.readouterr().err)
+
+
+def test_hessian_error_is_not_a_usage_error_in_the_cli(saved_model, tmp_path, capsys):
+    """Case 9: unusable statistics exit with their own code and message, not argparse's usage error 2."""
+    broken = copy.deepcopy(_tiny_llama())
+    with torch.no_grad():
+        broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    broken.save_pretrained(tmp_path / "broken")
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(tmp_path / "broken"), "--calib", str(saved_model / "calib.txt"), "--tokenizer",
+              str(saved_model / "llama"), "--out", str(tmp_path / "out"), "--seq-len", "8", "--n-calib", "2",
+              "--quiet"])
+    assert info.value.code == 3
+    assert "calibration statistics cannot be used" in capsys.readouterr().err
+
+
+def test_numpy_scalars_and_zero_dim_tensors_are_numbers():
+    """Case 5: what was rejected (np.float32, 0-d tensors, numpy ints in nm) now equals the Python number."""
+    expected = magnitude_prune(W, 0.5)[1]
+    for sparsity in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5).half()):
+        assert torch.equal(magnitude_prune(W, sparsity)[1], expected), type(sparsity)
+    assert validate_nm((np.int64(2), np.int32(4))) == (2, 4) and validate_nm(torch.tensor([2, 4])) == (2, 4)
+    assert type(validate_nm((np.int64(2), 4))[0]) is int
+    assert torch.equal(sparsegpt_prune(W, H, torch.tensor(0.5), blocksize=np.int64(8))[1],
+                       sparsegpt_prune(W, H, 0.5, blocksize=8)[1])
+    model_a, model_b = model(), model()
+    prune_model(model_a, batches(), "wanda", np.float32(0.5), nm=(np.int64(2), np.int64(4)), progress=False)
+    prune_model(model_b, batches(), "wanda", 0.5, nm=(2, 4), progress=False)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
