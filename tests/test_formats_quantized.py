@@ -190,3 +190,14 @@ def test_load_refuses_a_quantized_file_without_scales(tmp_path):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match="scales"):
         load_sparse(path)
+
+
+def test_compress_passes_bits_through_and_refuses_csr():
+    from sparsekit.formats import compress
+
+    W, mask = sparse_weight(4, 16, 0, seed=5, nm=(2, 4))
+    assert compress(W, "bitmask", bits=8).bits == 8
+    nm = compress(W, "nm", nm=(2, 4), bits=4, group_size=8)
+    assert nm.bits == 4 and nm.group_size == 8 and torch.equal(nm.mask(), mask)
+    with pytest.raises(ValueError, match="only the 'bitmask' and 'nm' formats"):
+        compress(W, "csr", bits=8)
