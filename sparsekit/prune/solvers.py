@@ -58,12 +58,13 @@ class Solver:
 
 
 def _sparsegpt(W, stats: HessianStats, sparsity, nm, name, blocksize, percdamp, quantizer=None, quant=None):
-    joint = quant.joint_quantizer("sparsegpt", W.shape, W.device) if quant is not None else None
-    pruned, mask = sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp,
-                                   quantizer=joint or quantizer, name=name)
+    if quant is not None and quant.is_joint("sparsegpt"):
+        return quant.prune_jointly(W, stats.H, sparsity, nm, blocksize, percdamp, name)
+    pruned, mask = sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp, quantizer=quantizer,
+                                   name=name)
     if quant is None:
         return pruned, mask
-    return quant.finish(W, pruned, mask, stats.H, joint, blocksize, percdamp, name)
+    return quant.finish(W, pruned, mask, stats.H, blocksize, percdamp, name)
 
 
 def _check_sparsegpt(options: dict, nm) -> dict:
@@ -79,14 +80,14 @@ def _wanda(W, stats: HessianStats, sparsity, nm, name, quant=None):
     pruned, mask = wanda_prune(W, stats.act_sq_norm, sparsity, nm)
     if quant is None:
         return pruned, mask
-    return quant.finish(W, pruned, mask, stats.H, None, name=name)
+    return quant.finish(W, pruned, mask, stats.H, name=name)
 
 
 def _magnitude(W, stats, sparsity, nm, name, scope, quant=None):
     pruned, mask = magnitude_prune(W, sparsity, nm, scope=scope)
     if quant is None:
         return pruned, mask
-    return quant.finish(W, pruned, mask, None if stats is None else stats.H, None, name=name)
+    return quant.finish(W, pruned, mask, None if stats is None else stats.H, name=name)
 
 
 def _check_magnitude(options: dict, nm) -> dict:

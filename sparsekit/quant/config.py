@@ -1,8 +1,8 @@
 """``QuantConfig``: how ``prune_model(..., quant=...)`` quantizes each pruned layer.
 
 * ``method="gptq"`` with SparseGPT: **joint** — SparseGPT's column loop quantizes each column right after
-  masking it (a :class:`~sparsekit.quant.GroupQuantizer` as its ``quantizer``), so the inverse-Hessian
-  update compensates the pruning and the rounding error together (the SparseGPT paper, §3.4);
+  masking it, so the inverse-Hessian update compensates the pruning and the rounding error together
+  (the SparseGPT paper, §3.4; :func:`sparsekit.quant.joint.sparsegpt_quantize`);
   ``joint=False`` prunes first, then runs GPTQ on the pruned weight;
 * ``method="gptq"`` with Wanda or magnitude: prune, then GPTQ on the pruned weight (its zeros kept);
 * ``method="rtn"``: prune, then round to nearest.
@@ -19,7 +19,7 @@ import torch
 
 from sparsekit.quant.gptq import gptq_quantize
 from sparsekit.quant.grid import QuantizedWeight, check_bits, check_group_size
-from sparsekit.quant.quantizer import GroupQuantizer
+from sparsekit.quant.joint import sparsegpt_quantize
 from sparsekit.quant.rtn import check_symmetric, quantize_rtn
 
 __all__ = ["QuantConfig", "QuantizedLayer", "as_quant_config", "QUANT_METHODS"]
@@ -76,12 +76,13 @@ class QuantConfig:
             raise ValueError(f"quant group_size={self.group_size} must divide in_features={in_features} of "
                              f"layer {name!r}")
 
-    def joint_quantizer(self, method: str, shape, device) -> GroupQuantizer | None:
-        """The quantizer that ``sparsegpt_prune`` calls per column, for a joint run; else None."""
-        if not self.is_joint(method):
-            return None
-        self.check_method(method)
-        return GroupQuantizer(tuple(shape), self.bits, self.group_size, self.symmetric, device=device)
+    def prune_jointly(self, W: torch.Tensor, H: torch.Tensor, sparsity: float, nm, blocksize: int,
+                      percdamp: float, name: str) -> tuple[torch.Tensor, torch.Tensor, QuantizedLayer]:
+        """SparseGPT with this grid quantized inside its loop (:mod:`sparsekit.quant.joint`)."""
+        self.check_method("sparsegpt")
+        W_hat, mask, quantized = sparsegpt_quantize(W, H, sparsity, nm, self.bits, self.group_size,
+                                                    self.symmetric, blocksize, percdamp, name)
+        return W_hat, mask, QuantizedLayer(quantized, mask)
 
     @property
     def needs_statistics(self) -> bool:
@@ -100,17 +101,11 @@ class QuantConfig:
                              percdamp, name=name)
 
     def finish(self, W: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, H: torch.Tensor | None,
-               joint: GroupQuantizer | None, blocksize: int = 128, percdamp: float = 0.01,
+               blocksize: int = 128, percdamp: float = 0.01,
                name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, QuantizedLayer]:
-        """A pruning solver's result quantized: ``(Ŵ in W's dtype, mask, QuantizedLayer)``.
-
-        ``joint``: the quantizer that already ran inside SparseGPT (its codes are the result); otherwise
-        the pruned weight (masked) is quantized now by :meth:`quantize_pruned`.
-        """
-        if joint is not None:
-            quantized = joint.result()
-        else:
-            _, quantized = self.quantize_pruned(pruned * mask, H, blocksize, percdamp, name=name)
+        """A pruning solver's result quantized now by :meth:`quantize_pruned` (its mask kept):
+        ``(Ŵ in W's dtype, mask, QuantizedLayer)``."""
+        _, quantized = self.quantize_pruned(pruned * mask, H, blocksize, percdamp, name=name)
         return quantized.dequantize().to(W.dtype), mask, QuantizedLayer(quantized, mask)
 
 
