@@ -248,10 +248,11 @@ def machine_conditions() -> dict:
             "load_at_start": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None}
 
 
-def record_timings(section: str, data: dict, path: Path = TIMINGS) -> None:
-    """Store one run's times (``section``: ``"ci"`` or ``"book"``) in the timings file."""
+def record_timings(section: str, data: dict, path: Path | None = None) -> None:
+    """Store one run's times (``section``: ``"ci"`` or ``"book"``) in the timings file (:data:`TIMINGS`)."""
     import json
 
+    path = path or TIMINGS
     if section not in ("ci", "book"):
         raise ValueError(f"section must be 'ci' or 'book', got {section!r}")
     timings = json.loads(path.read_text()) if path.exists() else {}

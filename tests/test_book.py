@@ -91,3 +91,53 @@ def test_results_are_recorded_and_rendered_into_the_readme(tmp_path, monkeypatch
     assert "teacher BLEU" in text
     readme.write_text("no markers")
     assert not book.update_readme(summary, readme)
+
+
+def test_readme_timing_block_is_rendered_from_the_measured_times():
+    """The README's timing block is exactly what render_timings makes of book/timings.json: never typed."""
+    text = (ROOT / "README.md").read_text()
+    start, end = book.TIMING_MARKERS
+    block = start + text.split(start, 1)[1].split(end, 1)[0] + end
+    assert block == book.render_timings(json.loads(book.TIMINGS.read_text()))
+
+
+def test_timings_are_recorded_and_rendered(tmp_path, monkeypatch):
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("set-up 108\nlint 4\nunit 201\nsmoke-book 150\n")
+    timings, readme = tmp_path / "timings.json", tmp_path / "README.md"
+    readme.write_text(f"head\n{book.TIMING_MARKERS[0]}\ntyped by hand\n{book.TIMING_MARKERS[1]}\ntail\n")
+    monkeypatch.setattr(book, "TIMINGS", timings)
+    monkeypatch.setattr(book, "ROOT", tmp_path)
+    original = book.update_readme_block
+    monkeypatch.setattr(book, "update_readme_block", lambda block, markers: original(block, markers, readme))
+    book.record_ci(steps, cache_empty=True, tests="tests: 340 passed, 0 failed, 1 skipped")
+    book.record_timings("book", {"scale": "book", "conditions": book.machine_conditions(),
+                                 "teachers": {"math": {"status": "trained", "seconds": 330.0},
+                                              "speech": {"status": "loaded", "seconds": 1.5}},
+                                 "notebooks": {"00_x": 12.0}, "build_s": 60.0, "total_s": 403.5}, timings)
+    rendered = book.render_timings(json.loads(timings.read_text()))
+    text = readme.read_text()
+    assert "typed by hand" not in text and text.startswith("head\n") and text.endswith("tail\n")
+    assert "| set-up | 1.8 |" in text and "**7.7 min**" in text and "empty at the start" in text
+    assert "tests: 340 passed" in text
+    assert "| teacher math | 5.5 | trained |" in rendered
+    assert "| teacher speech | 0.0 | loaded from cache |" in rendered
+    assert "| notebook 00_x | 0.2 | |" in rendered and "| html build | 1.0 | |" in rendered
+    with pytest.raises(ValueError, match="section must be 'ci' or 'book', got 'other'"):
+        book.record_timings("other", {}, timings)
+
+
+def test_book_kernels_run_quiet(tmp_path):
+    """Inside a book run a notebook shows no progress bar, no warning and no value for record_results."""
+    (tmp_path / "notebooks").mkdir()
+    params = new_code_cell('import os\nscale = os.environ.get("SPARSEKIT_SCALE", "book")')
+    params.metadata["tags"] = ["parameters"]
+    noisy = new_code_cell("import warnings\nfrom tqdm.auto import tqdm\n"
+                          "total = sum(tqdm(range(5), desc='loop', disable=False))\n"
+                          "warnings.warn('for the terminal only')\nprint('total', total)")
+    recorded = new_code_cell("from sparsekit.book import record_results\nrecord_results('quiet', {'a': 'b'})")
+    _notebook(tmp_path / "notebooks" / "quiet.ipynb", [params, noisy, recorded])
+    book.run_notebook("quiet", "smoke", tmp_path, root=tmp_path)
+    executed = nbformat.read(tmp_path / "quiet.ipynb", as_version=4)
+    assert executed.cells[-2].outputs == [{"name": "stdout", "output_type": "stream", "text": "total 10\n"}]
+    assert executed.cells[-1].outputs == []
