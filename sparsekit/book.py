@@ -97,6 +97,24 @@ def record_results(notebook: str, lines: dict[str, str]) -> None:
     path.write_text(json.dumps({str(k): str(v) for k, v in lines.items()}, indent=1, ensure_ascii=False))
 
 
+CHAPTER_ENV = "SPARSEKIT_CHAPTER_DIR"
+
+
+def save_table(frame, filename: str) -> None:
+    """Called by a notebook: the full table as CSV beside the executed chapter, for a ``{download}`` link.
+
+    ``frame`` is a pandas DataFrame; ``filename`` a plain name ending in ``.csv``. Written into
+    ``$SPARSEKIT_CHAPTER_DIR`` (set by :func:`run_notebook` to the folder of the executed chapter), so the
+    chapter's markdown links it with the role ``{download}`` and the file name; outside a book run nothing
+    is written.
+    """
+    if not isinstance(filename, str) or Path(filename).name != filename or not filename.endswith(".csv"):
+        raise ValueError(f"filename must be a plain file name ending in .csv, got {filename!r}")
+    folder = os.environ.get(CHAPTER_ENV)
+    if folder:
+        frame.to_csv(Path(folder) / filename, index=False)
+
+
 def render_summary(results_dir: Path, times: dict[str, float], scale: str, total_seconds: float) -> str:
     """The README's results section: each notebook's recorded lines and the run's wall times."""
     import json
@@ -193,7 +211,8 @@ def run_notebook(name: str, scale: str, out_dir: Path, root: Path = ROOT,
     source = root / "notebooks" / f"{name}.ipynb"
     target = out_dir / f"{name}.ipynb"
     start = time.perf_counter()
-    env = {**QUIET_ENV, "SPARSEKIT_SCALE": scale, "SPARSEKIT_NOTEBOOK": name}  # the kernel inherits these
+    env = {**QUIET_ENV, "SPARSEKIT_SCALE": scale, "SPARSEKIT_NOTEBOOK": name,  # the kernel inherits these
+           CHAPTER_ENV: str(out_dir.resolve())}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -209,6 +228,8 @@ def run_notebook(name: str, scale: str, out_dir: Path, root: Path = ROOT,
             f"{err.ename}: {err.evalue}\n"
             f"(executed copy with the traceback: {target})"
         ) from None
+    else:
+        _fold_injected_parameters(target)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -216,6 +237,18 @@ def run_notebook(name: str, scale: str, out_dir: Path, root: Path = ROOT,
             else:
                 os.environ[key] = value
     return time.perf_counter() - start
+
+
+def _fold_injected_parameters(path: Path) -> None:
+    """Papermill's injected ``scale = ...`` cell goes behind a "show" toggle (tag ``hide-cell``)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
+    nbformat.write(nb, path)
 
 
 def build_book(stage: Path) -> Path:

@@ -11,8 +11,9 @@ every page it asserts that
 * every link inside the book resolves: the file exists, and so does the ``#anchor`` in it;
 * the math renders: every ``.math`` element holds MathJax's ``mjx-container`` output, and no
   ``mjx-merror``;
+* no output is wider than the page (a table or text a reader would have to scroll sideways);
 
-and it saves a full-page screenshot ``<screens>/<page>.png``. It exits 1 with one line per problem.
+and it saves a full-page screenshot ``<screens>/<page name>.png``. It exits 1 with one line per problem.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ const done = arguments[arguments.length - 1];
     mathErrors: document.querySelectorAll("mjx-merror").length,
     links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
     outputs: Array.from(document.querySelectorAll(".cell_output, .output")).map(el => el.innerText),
+    tooWide: Array.from(document.querySelectorAll(".cell_output .output, .cell_output pre"))
+        .filter(el => el.scrollWidth > el.clientWidth + 2)
+        .map(el => `${el.scrollWidth}px in ${el.clientWidth}px: ${el.innerText.slice(0, 50)}`),
     text: document.body.innerText,
   });
 })().catch(err => done({error: String(err)}));
@@ -160,18 +164,22 @@ def _driver(width: int):
     return driver
 
 
-def _screenshot(driver, path: Path) -> None:
-    """A full-page png through the DevTools protocol (the whole scroll height, not the window)."""
+def _screenshot(driver, path: Path, width: int) -> None:
+    """A full-page png through the DevTools protocol: the viewport is made as tall as the page first
+    (capturing beyond the viewport instead lets wide content scroll the article sideways)."""
     import base64
 
-    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    height = int(driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"])
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     path.write_bytes(base64.b64decode(shot["data"]))
 
 
-def check_page(driver, page: Path, html_dir: Path, screens: Path | None) -> PageReport:
+def check_page(driver, page: Path, html_dir: Path, screens: Path | None, width: int = 1280) -> PageReport:
     name = page.relative_to(html_dir).as_posix()
     report = PageReport(page=name)
     driver.get(page.resolve().as_uri())
@@ -191,6 +199,7 @@ def check_page(driver, page: Path, html_dir: Path, screens: Path | None) -> Page
     for needle, what in ERROR_TEXTS.items():
         if needle in seen["text"]:
             report.problems.append(f"{what}: {needle!r}")
+    report.problems += [f"output wider than the page (scrolls sideways), {w!r}" for w in seen["tooWide"]]
     bars = [m.group(0) for text in seen["outputs"] for m in PROGRESS_BAR.finditer(text)]
     if bars:
         report.problems.append(f"{len(bars)} progress bar(s) in outputs, e.g. {bars[0]!r}")
@@ -199,8 +208,8 @@ def check_page(driver, page: Path, html_dir: Path, screens: Path | None) -> Page
         if why:
             report.problems.append(why)
     if screens is not None:
-        report.screenshot = screens / (name.replace("/", "__").removesuffix(".html") + ".png")
-        _screenshot(driver, report.screenshot)
+        report.screenshot = screens / f"{page.stem}.png"
+        _screenshot(driver, report.screenshot, width)
     return report
 
 
@@ -218,7 +227,7 @@ def check_book(html_dir: Path, screens: Path | None = None, width: int = 1280) -
     _ID_CACHE.clear()
     driver = _driver(width)
     try:
-        return [check_page(driver, page, html_dir, screens) for page in book_pages(html_dir)]
+        return [check_page(driver, page, html_dir, screens, width) for page in book_pages(html_dir)]
     finally:
         driver.quit()
 

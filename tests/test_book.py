@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,70 @@ def test_book_kernels_run_quiet(tmp_path):
     executed = nbformat.read(tmp_path / "quiet.ipynb", as_version=4)
     assert executed.cells[-2].outputs == [{"name": "stdout", "output_type": "stream", "text": "total 10\n"}]
     assert executed.cells[-1].outputs == []
+
+
+PLOTTING = re.compile(r"plt\.subplots|plt\.show\(|\.plot[.(]|"
+                      r"sns\.(relplot|catplot|heatmap|lineplot|barplot|scatterplot)\(")
+
+
+def test_plotting_code_is_behind_a_toggle():
+    """A reader sees the computation calls; the code that only draws a figure is hidden (cell tags)."""
+    for name in book.book_notebooks():
+        nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        for cell in nb["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or not PLOTTING.search(source):
+                continue
+            tags = set(cell["metadata"].get("tags", []))
+            assert tags & {"hide-input", "remove-input", "hide-cell"}, (
+                f"{name}: a plotting cell is shown to the reader; tag it hide-input "
+                f"(and move computation into a cell of its own): {source.splitlines()[0]!r}")
+
+
+def test_save_table_writes_beside_the_chapter_only_in_a_book_run(tmp_path, monkeypatch):
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": [1, 2]})
+    monkeypatch.delenv(book.CHAPTER_ENV, raising=False)
+    assert book.save_table(frame, "t.csv") is None and not list(tmp_path.iterdir())
+    monkeypatch.setenv(book.CHAPTER_ENV, str(tmp_path))
+    book.save_table(frame, "t.csv")
+    assert (tmp_path / "t.csv").read_text() == "a\n1\n2\n"
+    for bad in ("../t.csv", "t.txt", 3):
+        with pytest.raises(ValueError, match="filename must be a plain file name ending in .csv"):
+            book.save_table(frame, bad)
+
+
+def test_teachers_say_whether_they_were_trained_or_loaded(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sparsekit.tasks import train_all
+
+    class FakeTask:
+        def teacher_path(self, scale):
+            return tmp_path / scale
+
+        def train_config(self, scale):
+            return SimpleNamespace(steps=3)
+
+        def teacher(self, scale, progress=True):
+            (tmp_path / scale).mkdir(exist_ok=True)
+            (tmp_path / scale / "meta.json").write_text("{}")
+            return "model"
+
+    def get(name):
+        if name == "broken":
+            raise ImportError("espeak-ng not found")
+        return FakeTask()
+
+    monkeypatch.setattr(train_all.tasks, "get", get)
+    lines = []
+    first = train_all.ready_teacher("fake", "smoke", log=lines.append)
+    second = train_all.ready_teacher("fake", "smoke", log=lines.append)
+    broken = train_all.ready_teacher("broken", "smoke", log=lines.append)
+    assert (first["status"], second["status"], broken["status"]) == ("trained", "loaded", "unavailable")
+    assert first["model"] == "model" and broken["model"] is None
+    assert lines[0] == "teacher fake (smoke): not in the cache, training 3 steps"
+    assert re.match(r"teacher fake \(smoke\): trained in \d+ s", lines[1])
+    assert lines[2].startswith("teacher fake (smoke): loaded from cache")
+    assert lines[3] == "teacher broken (smoke): unavailable (espeak-ng not found)"

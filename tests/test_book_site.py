@@ -98,6 +98,9 @@ def test_browser_check_reports_what_a_reader_would_see_broken(tmp_path):
       ValueError: broken</pre></div></div>
       <div class="cell_output"><div class="output stderr">
         <pre>one-shot: 45%|####5     | 9/20 [00:01]</pre></div></div>
+      <div class="cell_output" style="width: 300px"><div class="output text_html" style="overflow-x: auto">
+        <table><tr><td style="min-width: 900px">a row far wider than the page</td></tr></table>
+      </div></div>
       <span class="math">\\(x^2\\)</span>
       <a href="other.html#here">fine</a> <a href="other.html#nowhere">bad anchor</a>
       <a href="gone.html">gone</a>
@@ -109,7 +112,8 @@ def test_browser_check_reports_what_a_reader_would_see_broken(tmp_path):
     text = "\n".join(reports[1].problems)
     for expected in ("image not loaded", "formula not rendered", "error output (traceback)", "stderr output",
                      "a Python traceback", "papermill's failure banner", "progress bar",
-                     "missing anchor: other.html#nowhere", "missing file: gone.html"):
+                     "missing anchor: other.html#nowhere", "missing file: gone.html",
+                     "output wider than the page"):
         assert expected in text, f"{expected!r} not reported:\n{text}"
     assert "#here" not in text
 
