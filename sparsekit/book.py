@@ -190,7 +190,7 @@ def quiet_notebook() -> None:
 
     def to_terminal(message, category, filename, lineno, file=None, line=None):
         text = warnings.formatwarning(message, category, filename, lineno, line)
-        terminal.write(f"[{label}] {text}")
+        terminal.write(f"\n[{label}] {text}")  # a line of its own beside papermill's bar
 
     warnings.showwarning = to_terminal
 

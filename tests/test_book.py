@@ -209,3 +209,18 @@ def test_teachers_say_whether_they_were_trained_or_loaded(tmp_path, monkeypatch)
     assert re.match(r"teacher fake \(smoke\): trained in \d+ s", lines[1])
     assert lines[2].startswith("teacher fake (smoke): loaded from cache")
     assert lines[3] == "teacher broken (smoke): unavailable (espeak-ng not found)"
+
+
+def test_every_figure_has_a_title_labels_and_a_caption():
+    """A plotting cell sets a title and axis labels; the next markdown cell is its '*Figure: ...*' caption."""
+    for name in book.book_notebooks():
+        cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        for i, cell in enumerate(cells):
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or not PLOTTING.search(source):
+                continue
+            first = source.splitlines()[0]
+            assert "title" in source, f"{name}: the figure of {first!r} has no title"
+            assert "label" in source, f"{name}: the figure of {first!r} has no axis labels"
+            caption = next(("".join(c["source"]) for c in cells[i + 1:] if c["cell_type"] == "markdown"), "")
+            assert caption.startswith("*Figure:"), f"{name}: the figure of {first!r} has no caption after it"
