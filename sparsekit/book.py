@@ -350,8 +350,12 @@ def update_readme_block(block: str, markers: tuple[str, str], readme: Path = ROO
     return True
 
 
-def record_ci(steps_file: Path, cache_empty: bool, tests: str = "") -> None:
-    """``.ci/run``: its ``step seconds`` lines (``steps_file``) into the timings file and the README."""
+def record_ci(steps_file: Path, cache_empty: bool, tests: str = "",
+              load_at_start: float | None = None) -> None:
+    """``.ci/run``: its ``step seconds`` lines (``steps_file``) into the timings file and the README.
+
+    ``load_at_start``: the 1-minute load average when ``.ci/run`` started (``None``: not known).
+    """
     import json
 
     steps = {}
@@ -359,8 +363,9 @@ def record_ci(steps_file: Path, cache_empty: bool, tests: str = "") -> None:
         if line.strip():
             step, seconds = line.rsplit(maxsplit=1)
             steps[step] = float(seconds)
+    conditions = {**machine_conditions(), "load_at_start": load_at_start}
     record_timings("ci", {"steps": steps, "total_s": sum(steps.values()), "cache_empty": cache_empty,
-                          "tests": tests, "conditions": machine_conditions()})
+                          "tests": tests, "conditions": conditions})
     update_readme_block(render_timings(json.loads(TIMINGS.read_text())), TIMING_MARKERS)
 
 
@@ -388,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="only record .ci/run's 'step seconds' lines in book/timings.json and the README")
     parser.add_argument("--ci-cache-empty", action="store_true", help="with --record-ci: the cache was empty")
     parser.add_argument("--ci-tests", default="", help="with --record-ci: the closing test count line")
+    parser.add_argument("--ci-load", type=float, default=None,
+                        help="with --record-ci: the load average at the start")
     args = parser.parse_args(argv)
     if args.record_ci:
-        record_ci(args.record_ci, args.ci_cache_empty, args.ci_tests)
+        record_ci(args.record_ci, args.ci_cache_empty, args.ci_tests, args.ci_load)
         print(f"README.md: timing block regenerated from {TIMINGS.relative_to(ROOT)}")
         return 0
 

@@ -111,7 +111,7 @@ def test_timings_are_recorded_and_rendered(tmp_path, monkeypatch):
     monkeypatch.setattr(book, "ROOT", tmp_path)
     original = book.update_readme_block
     monkeypatch.setattr(book, "update_readme_block", lambda block, markers: original(block, markers, readme))
-    book.record_ci(steps, cache_empty=True, tests="tests: 340 passed, 0 failed, 1 skipped")
+    book.record_ci(steps, cache_empty=True, tests="tests: 340 passed, 0 failed, 1 skipped", load_at_start=0.5)
     book.record_timings("book", {"scale": "book", "conditions": book.machine_conditions(),
                                  "teachers": {"math": {"status": "trained", "seconds": 330.0},
                                               "speech": {"status": "loaded", "seconds": 1.5}},
@@ -120,7 +120,7 @@ def test_timings_are_recorded_and_rendered(tmp_path, monkeypatch):
     text = readme.read_text()
     assert "typed by hand" not in text and text.startswith("head\n") and text.endswith("tail\n")
     assert "| set-up | 1.8 |" in text and "**7.7 min**" in text and "empty at the start" in text
-    assert "tests: 340 passed" in text
+    assert "tests: 340 passed" in text and "load average 0.5 at the start" in text
     assert "| teacher math | 5.5 | trained |" in rendered
     assert "| teacher speech | 0.0 | loaded from cache |" in rendered
     assert "| notebook 00_x | 0.2 | |" in rendered and "| html build | 1.0 | |" in rendered
