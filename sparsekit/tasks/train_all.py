@@ -11,6 +11,7 @@ import sys
 import time
 
 from sparsekit import tasks
+from sparsekit.tasks import training
 
 
 def ready_teacher(name: str, scale: str, progress: bool = True, log=print) -> dict:
@@ -32,7 +33,11 @@ def ready_teacher(name: str, scale: str, progress: bool = True, log=print) -> di
         if not cached:
             steps = task.train_config(scale).steps
             log(f"teacher {name} ({scale}): not in the cache, training {steps} steps")
-        model = task.teacher(scale, progress=progress)
+        label = training.BAR_LABEL.set(f"train {name}")
+        try:
+            model = task.teacher(scale, progress=progress)
+        finally:
+            training.BAR_LABEL.reset(label)
     except (ImportError, FileNotFoundError) as err:
         log(f"teacher {name} ({scale}): unavailable ({err})")
         return {"task": name, "status": "unavailable", "seconds": time.perf_counter() - start,
