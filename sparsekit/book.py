@@ -12,7 +12,7 @@ the README's timing block from it (:func:`render_timings`), as ``.ci/run`` does 
 The notebooks listed in ``_toc.yml`` as ``book/_executed/NAME`` are executed from ``notebooks/NAME.ipynb``
 into ``<stage>/book/_executed/NAME.ipynb`` with the parameter ``scale`` injected. ``--stage DIR`` copies the
 book's sources (``_config.yml``, ``_toc.yml``, ``book/``) into ``DIR`` first, so that a smoke run never
-overwrites the book-scale results; ``--stage .`` (what ``make book``) uses builds in place. ``--build`` then
+overwrites the book-scale results; ``--stage .`` (what ``make book`` uses) builds in place. ``--build`` then
 runs ``jupyter-book build`` with warnings as errors into ``<stage>/book/_build/html``.
 """
 
