@@ -7,7 +7,7 @@ Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unu
 ``sparsekit book ...`` runs the book driver (:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
-``finetune`` (sparse fine-tuning) and ``bench`` (kernel benchmarks) are added there by their issues.
+a new subcommand is one more entry there.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def run_book(args) -> int:
     return book_main(args.book_args)
 
 
-# name -> (help, add_arguments, run). The finetune and bench commands are added here by their issues.
+# name -> (help, add_arguments, run)
 COMMANDS = {
     "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
               _add_prune_arguments, run_prune),
