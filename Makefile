@@ -9,7 +9,7 @@ APT_PACKAGES := $(shell cat binder/apt.txt)
 SCALE ?= book
 export PYTHONHASHSEED := 0
 
-.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench lab clean
+.PHONY: setup apt test lint unit notebooks smoke-book book book-check teachers bench lab clean
 
 setup: $(STAMP) apt
 
@@ -53,6 +53,11 @@ teachers: setup
 
 book: setup
 	$(PY) -m sparsekit.book --scale $(SCALE) --stage . --build
+
+# the built book in headless Chromium (Debian's chromium + chromium-driver): images, math, links, no
+# error output; full-page screenshots in book/_build/screens/
+book-check: setup
+	$(PY) -m sparsekit.book_check book/_build/html
 
 bench: setup
 	$(PY) kernels/bench_prune.py

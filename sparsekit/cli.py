@@ -9,7 +9,7 @@ inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized
 (``HessianError``). ``sparsekit book ...`` runs the book driver (:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
-``finetune`` (sparse fine-tuning) and ``bench`` (kernel benchmarks) are added there by their issues.
+a new subcommand is one more entry there.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def run_book(args) -> int:
     return book_main(args.book_args)
 
 
-# name -> (help, add_arguments, run). The finetune and bench commands are added here by their issues.
+# name -> (help, add_arguments, run)
 COMMANDS = {
     "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
               _add_prune_arguments, run_prune),

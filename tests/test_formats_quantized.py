@@ -201,3 +201,20 @@ def test_compress_passes_bits_through_and_refuses_csr():
     assert nm.bits == 4 and nm.group_size == 8 and torch.equal(nm.mask(), mask)
     with pytest.raises(ValueError, match="only the 'bitmask' and 'nm' formats"):
         compress(W, "csr", bits=8)
+
+
+@pytest.mark.parametrize("fmt, bits, nm", [("bitmask", 8, None), ("bitmask", 4, None), ("nm", 8, (2, 4)),
+                                           ("nm", 4, (2, 4))])
+def test_layout_matches_the_triton_kernels_stand_in(fmt, bits, nm):
+    """The shared spec, byte for byte: the GPU kernels' test weights (written before these formats) and
+    the formats agree on values and scales."""
+    from sparsekit.kernels.triton_testing import quantize_sparse
+
+    W, _ = sparse_weight(6, 32, 0.0 if nm else 0.6, seed=7, nm=nm)
+    W = W * (W.abs() > 1e-3)  # the stand-in keeps W's non-zeros
+    theirs = quantize_sparse(W, fmt, bits, 16, nm=nm)
+    cls = BitmaskWeight if fmt == "bitmask" else NMWeight
+    extra = {} if nm is None else {"nm": nm}
+    ours = cls.from_dense(W, bits=bits, group_size=16, scales=theirs.scales, **extra)
+    assert torch.equal(ours.bitmask, theirs.bitmask) and torch.equal(ours.values, theirs.values)
+    assert torch.equal(ours.scales, theirs.scales)

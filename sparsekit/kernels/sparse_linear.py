@@ -307,3 +307,25 @@ def sparse_weights(model: nn.Module) -> dict:
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias.detach()
     return out
+
+
+# --- CUDA: the Triton kernels (sparsekit.kernels.triton_*), imported on first use so that CPU-only use
+# never imports Triton.
+def cuda_max_batch(sparsity: float) -> int:
+    """Bitmask / N:M on CUDA: decoding batches (the memory-bound regime the kernels are written for).
+
+    Not yet measured here (``kernels/gpu_check.sh`` records the kernels against cuBLAS per batch): at
+    batch > 16 the dense fp16/bf16 ``F.linear`` (cuBLAS) runs instead.
+    """
+    return 16 if sparsity >= 0.5 else 0
+
+
+def _triton_linear(x: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
+    from sparsekit.kernels.triton_dispatch import triton_linear
+
+    return triton_linear(x, weight)
+
+
+for _format in ("bitmask", "nm"):
+    register_kernel(_format, "cuda", KernelEntry(f"triton-{_format}", _triton_linear, cuda_max_batch,
+                                                 (torch.float16, torch.bfloat16), bits=(None, 8, 4)))
