@@ -49,7 +49,7 @@ def load_local_split(folder: str | Path, split: str):
 
 
 def load_common_voice_split(folder: str | Path, split: str):
-    """Rows ``{"path", "sentence", "audio": {"bytes": None, "path": clips/<path>}}`` of a Common Voice
+    """Rows ``{"path", "sentence", "audio": {"bytes": b"", "path": clips/<path>}}`` of a Common Voice
     release folder's ``train.tsv`` / ``dev.tsv`` / ``test.tsv``; ``None`` when that file is absent."""
     import datasets
 
@@ -68,11 +68,10 @@ def load_common_voice_split(folder: str | Path, split: str):
                                 f"{missing[:3]}")
     features = datasets.Features({"path": datasets.Value("string"), "sentence": datasets.Value("string"),
                                   "audio": datasets.Audio(decode=False)})
-    return datasets.Dataset.from_dict(
+    return datasets.Dataset.from_dict(  # cast, not encoded: encoding an Audio value needs torchcodec
         {"path": [r["path"] for r in rows], "sentence": [r["sentence"] for r in rows],
-         "audio": [{"bytes": None, "path": str(folder / "clips" / r["path"])} for r in rows]},
-        features=features,
-    )
+         "audio": [{"bytes": b"", "path": str(folder / "clips" / r["path"])} for r in rows]},
+    ).cast(features)
 
 
 def undecoded_audio(ds, column: str):
@@ -89,7 +88,7 @@ def decode_audio(value: dict, sampling_rate: int = 16_000) -> np.ndarray:
     """Mono float32 samples at ``sampling_rate`` Hz of an audio value.
 
     ``value`` is ``{"array", "sampling_rate"}`` (already decoded) or ``{"bytes", "path"}`` (an encoded file:
-    its bytes, else the file at ``path``).
+    its bytes if not empty, else the file at ``path``).
     """
     import soundfile
 
@@ -99,8 +98,8 @@ def decode_audio(value: dict, sampling_rate: int = 16_000) -> np.ndarray:
         raise TypeError(f"an audio value must be a dict, got {type(value).__name__}")
     if value.get("array") is not None:
         samples, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
-    elif value.get("bytes") is not None or value.get("path"):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    elif value.get("bytes") or value.get("path"):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
         samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
         samples = samples.mean(axis=1)
     else:
