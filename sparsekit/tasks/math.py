@@ -121,6 +121,7 @@ class MathTask(Task):
         model_loader=load_mpt,
         config_loader=mpt_config,
         validation_rows=500,
+        identity=lambda row: row["question"],
     )
 
     # ---- data ---------------------------------------------------------------------------------

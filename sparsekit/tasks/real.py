@@ -11,6 +11,8 @@ Splits. Ours are made from the source's ``train``, ``validation`` and ``test`` s
 - ``validation`` is the source's ``validation``; when the source has none (GSM8K), the last
   ``validation_rows`` rows of ``train`` (at most a tenth of them, for a small local copy) are carved out
   of ``train`` and removed from it, so the two never share a row;
+- ``train`` drops every row whose ``identity`` (the question, the source sentence, the clip) is that of
+  a validation or test row, so the splits are disjoint by item even when the source repeats one;
 - ``calibration`` is the first ``calibration_rows`` rows of (our) ``train``: one-shot pruning calibrates
   on training data, as in the SparseGPT and Wanda papers; it is disjoint from validation and test.
 
@@ -98,10 +100,12 @@ def pick_source(value, task: str) -> str | None:
 class RealPath:
     """The paper's model and data set of a task; ``model_id``/``dataset_id`` are hub ids or local paths.
 
-    ``row_fn`` turns a source row into this task's row format. ``model_loader(source, **kw)``, when set,
-    replaces ``model_class.from_pretrained`` (MPT checkpoints with MosaicML's config). ``audio_column``
-    names a column of audio that is kept undecoded (``{"bytes", "path"}``) and decoded by
-    :func:`sparsekit.tasks.real_data.decode_audio`, so no ``torchcodec`` is needed.
+    ``row_fn`` turns a source row into this task's row format; ``identity(row)`` (of a task row) says
+    when two rows are the same item: training rows that repeat a validation or test item are dropped.
+    ``model_loader(source, **kw)``, when set, replaces ``model_class.from_pretrained`` (MPT checkpoints
+    with MosaicML's config). ``audio_column`` names a column of audio that is kept undecoded
+    (``{"bytes", "path"}``) and decoded by :func:`sparsekit.tasks.real_data.decode_audio`, so no
+    ``torchcodec`` is needed.
     """
 
     model_id: str
@@ -115,6 +119,7 @@ class RealPath:
     validation_rows: int = 500
     calibration_rows: int = 1024
     audio_column: str | None = None
+    identity: Callable[[dict], object] | None = None
     note: str = PAPER_NOTE
 
     def with_sources(self, model: str | None = None, dataset: str | None = None) -> RealPath:
@@ -199,16 +204,28 @@ class RealPath:
         if split not in self.splits:
             raise ValueError(f"split must be one of {self.splits} at scale 'paper', got {split!r}")
         if split == "test":
-            ds = self._required("test")
-        elif split == "validation":
+            return self._rows(self._required("test"))
+        if split == "validation":
             ds = self.load_source_split("validation")
-            if ds is None:
-                ds = self._carve(self._required("train"))[1]
-        else:
-            ds = self._train()
-            if split == "calibration":
-                ds = ds.select(range(min(self.calibration_rows, len(ds))))
-        return ds.map(self.row_fn, remove_columns=ds.column_names) if self.row_fn else ds
+            return self._rows(ds if ds is not None else self._carve(self._required("train"))[1])
+        train = self._rows(self._train())
+        if self.identity is not None:  # drop training rows that a validation or test row repeats
+            held = {self.identity(r) for s in ("validation", "test") for r in self.load_data(s)}
+            train = train.filter(lambda rows: [self.identity(r) not in held for r in _unbatch(rows)],
+                                 batched=True)
+        if split == "calibration":
+            return train.select(range(min(self.calibration_rows, len(train))))
+        return train
+
+    def _rows(self, ds):
+        """``row_fn`` over ``ds``. The source columns are renamed first: a task column of the same name
+        (GSM8K's ``answer`` text vs our integer ``answer``) would otherwise keep the source's type."""
+        if self.row_fn is None:
+            return ds
+        prefix = "source::"
+        renamed = ds.rename_columns({c: prefix + c for c in ds.column_names})
+        return renamed.map(lambda row: self.row_fn({k[len(prefix):]: v for k, v in row.items()}),
+                           remove_columns=renamed.column_names)
 
     def _required(self, split: str):
         ds = self.load_source_split(split)
@@ -229,6 +246,12 @@ class RealPath:
             raise ValueError(f"the data set {self.dataset_id!r} has no validation split and only "
                              f"{len(train)} training rows: at least 10 are needed to carve one out of train")
         return train.select(range(len(train) - n)), train.select(range(len(train) - n, len(train)))
+
+
+def _unbatch(batch: dict) -> list[dict]:
+    """A ``datasets`` batch (column -> values) as a list of rows."""
+    columns = list(batch)
+    return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
 
 
 def _load_hub_split(dataset_id: str, config: str | None, split: str):

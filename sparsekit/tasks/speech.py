@@ -238,6 +238,7 @@ class SpeechTask(Task):
         row_fn=_common_voice_row,
         audio_column="audio",
         calibration_rows=128,
+        identity=lambda row: row["audio"]["path"],  # a clip (Common Voice repeats sentences across speakers)
     )
 
     def __init__(self) -> None:

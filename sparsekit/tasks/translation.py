@@ -66,6 +66,7 @@ class TranslationTask(Task):
         dataset_config="de-en",
         model_class="T5ForConditionalGeneration",
         row_fn=_wmt_row,
+        identity=lambda row: row["source"],
     )
 
     @cached_property
