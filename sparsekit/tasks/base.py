@@ -4,8 +4,8 @@ A task owns its data (four seeded, disjoint splits: train / validation / test / 
 optional extra report splits), a tokenizer trained here, a tiny model config per scale, a teacher
 trained by the shared loop (:mod:`sparsekit.tasks.training`) and cached on disk
 (:mod:`sparsekit.tasks.cache`), its evaluation in the paper's metric, and the trivial baseline in that
-metric. ``real`` holds the paper's version of the task (Hugging Face model and data set ids plus the
-loading code); it needs internet and a GPU, and is used at ``scale="paper"``.
+metric. ``real`` holds the paper's version of the task (:mod:`sparsekit.tasks.real`: its dense teacher
+and data set, each a hub id or a local path, and the loading code); it is used at ``scale="paper"``.
 
 Scales: ``smoke`` (seconds, for tests), ``book`` (the published numbers, <= 10 min per teacher on a
 2-core CPU), ``paper`` (the real model and data set).

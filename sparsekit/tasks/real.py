@@ -208,9 +208,14 @@ class RealPath:
         if split == "validation":
             ds = self.load_source_split("validation")
             return self._rows(ds if ds is not None else self._carve(self._required("train"))[1])
-        train = self._rows(self._train())
-        if self.identity is not None:  # drop training rows that a validation or test row repeats
+        held = set()
+        if self.identity is not None:  # training rows that a validation or test row repeats are dropped
             held = {self.identity(r) for s in ("validation", "test") for r in self.load_data(s)}
+        source = self._train()
+        if split == "calibration":  # only the first rows are needed: at most len(held) of them are dropped
+            source = source.select(range(min(len(source), self.calibration_rows + len(held))))
+        train = self._rows(source)
+        if held:
             train = train.filter(lambda rows: [self.identity(r) not in held for r in _unbatch(rows)],
                                  batched=True)
         if split == "calibration":
