@@ -270,7 +270,7 @@ def test_notebooks_run_at_paper_scale_on_local_files(assets, notebook, tmp_path,
         "limit": 3,
     }
     if notebook.startswith("02"):
-        parameters.update(n_calib=4, methods=["magnitude", "sparsegpt"], sparsities=[0.5], nms=[])
+        parameters.update(n_calib=4, methods=["sparsegpt"], sparsities=[0.5], nms=[])
     out = tmp_path / f"{notebook}.ipynb"
     pm.execute_notebook(
         str(ROOT / "notebooks" / f"{notebook}.ipynb"),
