@@ -136,7 +136,7 @@ def test_real_path_loads_a_saved_tiny_whisper_by_path(task, tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, loaded(**batch).logits)
-    assert task.real.model_id == "openai/whisper-small" and task.real.dataset_config == "hi"
+    assert task.real.model_id == "sanchit-gandhi/whisper-small-hi" and task.real.dataset_config == "hi"
 
 
 def test_smoke_teacher_trains_is_cached_and_evaluates(task):

@@ -4,8 +4,8 @@ A task owns its data (four seeded, disjoint splits: train / validation / test / 
 optional extra report splits), a tokenizer trained here, a tiny model config per scale, a teacher
 trained by the shared loop (:mod:`sparsekit.tasks.training`) and cached on disk
 (:mod:`sparsekit.tasks.cache`), its evaluation in the paper's metric, and the trivial baseline in that
-metric. ``real`` holds the paper's version of the task (Hugging Face model and data set ids plus the
-loading code); it needs internet and a GPU, and is used at ``scale="paper"``.
+metric. ``real`` holds the paper's version of the task (:mod:`sparsekit.tasks.real`: its dense teacher
+and data set, each a hub id or a local path, and the loading code); it is used at ``scale="paper"``.
 
 Scales: ``smoke`` (seconds, for tests), ``book`` (the published numbers, <= 10 min per teacher on a
 2-core CPU), ``paper`` (the real model and data set).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +24,13 @@ import torch
 
 from sparsekit import _validate
 from sparsekit.tasks import cache
+from sparsekit.tasks.real import PAPER_NOTE, RealPath  # noqa: F401  (re-exported: the paper path)
 from sparsekit.tasks.training import seed_everything, train
 
 __all__ = ["Task", "TrainConfig", "RealPath", "SCALES", "SPLITS", "check_scale", "to_device"]
 
 SCALES = ("smoke", "book", "paper")
 SPLITS = ("train", "validation", "test", "calibration")
-PAPER_NOTE = "scale='paper' downloads from the Hugging Face hub: it needs internet and, in practice, a GPU"
 
 
 def check_scale(scale: str) -> str:
@@ -62,45 +62,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class RealPath:
-    """The paper's version of a task: hub ids and the loading code (needs internet; a GPU in practice).
-
-    ``splits`` maps our split names to the hub data set's split expressions; ``row_fn`` turns a hub row
-    into this task's row format. ``load_model``/``load_tokenizer`` take a hub id *or* a local path, so
-    the same code loads a model saved with ``save_pretrained`` (this is how it is tested offline).
-    """
-
-    model_id: str
-    dataset_id: str
-    dataset_config: str | None
-    splits: dict[str, str]
-    model_class: str
-    tokenizer_class: str = "AutoTokenizer"
-    row_fn: Callable[[dict], dict] | None = None
-    note: str = PAPER_NOTE
-
-    def load_model(self, path_or_id: str | None = None, **kwargs):
-        import transformers
-
-        cls = getattr(transformers, self.model_class)
-        return cls.from_pretrained(path_or_id or self.model_id, **kwargs)
-
-    def load_tokenizer(self, path_or_id: str | None = None, **kwargs):
-        import transformers
-
-        cls = getattr(transformers, self.tokenizer_class)
-        return cls.from_pretrained(path_or_id or self.model_id, **kwargs)
-
-    def load_data(self, split: str, **kwargs):
-        import datasets
-
-        if split not in self.splits:
-            raise ValueError(f"split must be one of {sorted(self.splits)}, got {split!r}")
-        ds = datasets.load_dataset(self.dataset_id, self.dataset_config, split=self.splits[split], **kwargs)
-        return ds.map(self.row_fn, remove_columns=ds.column_names) if self.row_fn else ds
 
 
 class Task:
@@ -169,9 +130,11 @@ class Task:
         import datasets
 
         check_scale(scale)
-        if scale == "paper":
-            return self.real.load_data(split)
         key = (split, scale)
+        if scale == "paper":  # the paper's data set: hub id or local folder (sparsekit.tasks.real)
+            if key not in self._datasets:
+                self._datasets[key] = self.real.load_data(split)
+            return self._datasets[key]
         if key not in self._datasets:
             self._datasets[key] = datasets.Dataset.from_list(self.rows(split, scale))
         return self._datasets[key]
@@ -275,8 +238,8 @@ class Task:
         At ``scale="paper"`` the paper's hub model (internet; a GPU in practice).
         """
         check_scale(scale)
-        if scale == "paper":
-            return self.real.load_model().eval()
+        if scale == "paper":  # the paper's dense teacher (sparsekit.tasks.real), on the GPU when there is one
+            return self.real.load_model().to("cuda" if torch.cuda.is_available() else "cpu").eval()
         path = self.teacher_path(scale)
         if (path / "meta.json").exists() and (path / "model.safetensors").exists():
             return self.model_class().from_pretrained(str(path), use_safetensors=True).eval()
@@ -317,6 +280,10 @@ class Task:
 
     def describe(self, scale: str = "book") -> dict:
         """Sizes for tables: rows per split, vocabulary size, parameters of the model config."""
+        if check_scale(scale) == "paper":  # no random 7B model: counted on the meta device
+            from sparsekit.tasks import real
+
+            return real.describe(self)
         model = self.new_model(scale)
         return {
             "task": self.name,
