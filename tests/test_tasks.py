@@ -29,7 +29,8 @@ def test_cache_dir_follows_env(tmp_path, monkeypatch):
 
 
 def test_cache_key_changes_with_every_component():
-    base = dict(task="t", scale="smoke", model_config={"d": 1}, train_config={"lr": 1.0}, data_version="1")
+    base = dict(task="t", scale="smoke", model_config={"d": 1}, train_config={"lr": 1.0}, data_version="1",
+                data_key="abc")
     key = cache.cache_key(**base)
     assert key == cache.cache_key(**base)
     for field, value in [
@@ -38,6 +39,7 @@ def test_cache_key_changes_with_every_component():
         ("model_config", {"d": 2}),
         ("train_config", {"lr": 2.0}),
         ("data_version", "2"),
+        ("data_key", "abd"),
     ]:
         assert cache.cache_key(**{**base, field: value}) != key
 
@@ -126,3 +128,20 @@ def test_train_batches_are_seeded_and_bucketed():
     assert not torch.equal(first["input_ids"][:, :8], other["input_ids"][:, :8])
     with pytest.raises(ValueError, match="batch_size"):
         next(task.train_batches(0, "smoke"))
+
+
+# ---- evaluate(limit=...) is validated once, in the base class, for every task ---------------------
+@pytest.mark.parametrize("name", ["translation", "speech", "math"])
+@pytest.mark.parametrize(
+    "limit, error", [(0, ValueError), (-1, ValueError), (True, TypeError), (2.0, TypeError), ("3", TypeError)]
+)
+def test_evaluate_rejects_bad_limit_in_every_task(name, limit, error):
+    task = tasks.get(name)
+    with pytest.raises(error, match="limit"):
+        task.evaluate(None, "test", limit=limit, scale="smoke")  # rejected before the model is touched
+    with pytest.raises(error, match="limit"):
+        task.evaluate(None, "test", limit, "smoke")  # positional too
+
+
+def test_check_limit_accepts_none_and_positive_ints():
+    assert base.check_limit(None) is None and base.check_limit(1) == 1 and base.check_limit(300) == 300

@@ -108,6 +108,7 @@ class MathTask(Task):
     higher_is_better = True
     data_version = "m1-" + "-".join(map(str, TRAIN_TEMPLATES)) + f"-le{MAX_NUMBER}"
     extra_splits = ("heldout",)
+    generator_packages = ("reasoning-gym",)  # its version enters the data key
     real = RealPath(
         model_id="mosaicml/mpt-7b",
         dataset_id="openai/gsm8k",
