@@ -145,3 +145,29 @@ def test_evaluate_rejects_bad_limit_in_every_task(name, limit, error):
 
 def test_check_limit_accepts_none_and_positive_ints():
     assert base.check_limit(None) is None and base.check_limit(1) == 1 and base.check_limit(300) == 300
+
+
+def test_code_digest_follows_the_code_not_the_file():
+    def plus_one(x):
+        return x + 1
+
+    def plus_two(x):
+        return x + 2
+
+    def plus_one_again(x):  # same code, another name and line
+
+        return x + 1
+
+    assert base.code_digest(plus_one) == base.code_digest(plus_one_again)
+    assert base.code_digest(plus_one) != base.code_digest(plus_two)
+
+
+def test_tokenizer_key_follows_the_tokenizer_code():
+    from sparsekit.tasks.translation import TranslationTask
+
+    class OtherTokenizer(TranslationTask):
+        def _train_tokenizer(self, scale):
+            return None
+
+    assert OtherTokenizer().data_key("smoke") == TranslationTask().data_key("smoke")
+    assert OtherTokenizer().tokenizer_key("smoke") != TranslationTask().tokenizer_key("smoke")

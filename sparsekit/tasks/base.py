@@ -38,7 +38,8 @@ from sparsekit.tasks import cache
 from sparsekit.tasks.training import seed_everything, train
 
 __all__ = [
-    "Task", "TrainConfig", "RealPath", "SCALES", "SPLITS", "check_scale", "check_limit", "to_device", "digest"
+    "Task", "TrainConfig", "RealPath", "SCALES", "SPLITS", "check_scale", "check_limit", "to_device",
+    "digest", "code_digest",
 ]
 
 SCALES = ("smoke", "book", "paper")
@@ -74,6 +75,19 @@ def _validating_limit(evaluate):
 
     wrapper._checks_limit = True
     return wrapper
+
+
+def code_digest(function) -> str:
+    """Digest of a function's compiled code (bytecode, names and constants, nested code included).
+
+    Taken from the loaded code object, not the source file, so editing the file while a process runs
+    (or moving lines) does not change it; changing what the function does does."""
+
+    def material(code):
+        consts = [material(c) if inspect.iscode(c) else repr(c) for c in code.co_consts]
+        return [code.co_code.hex(), list(code.co_names), consts]
+
+    return digest(material(inspect.unwrap(function).__code__))
 
 
 def digest(obj) -> str:
@@ -247,7 +261,7 @@ class Task:
     # ---- tokenizer ----------------------------------------------------------------------------
     def tokenizer_key(self, scale: str = "book") -> str:
         """Digest of :meth:`data_key` and the source of the task's tokenizer-training code."""
-        return digest({"data": self.data_key(scale), "code": inspect.getsource(type(self)._train_tokenizer)})
+        return digest({"data": self.data_key(scale), "code": code_digest(type(self)._train_tokenizer)})
 
     def tokenizer_path(self, scale: str = "book"):
         """Folder of the cached tokenizer of ``scale`` (named by :meth:`tokenizer_key`)."""
