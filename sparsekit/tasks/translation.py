@@ -29,6 +29,16 @@ SIZES = {  # rows per split
     "book": {"train": 80000, "validation": 300, "test": 300, "calibration": 512},
 }
 LEXICON_NOUNS, LEXICON_ADJECTIVES = 72, 24
+# How the book configuration was chosen, on the validation split (test is reported once): each candidate
+# trained on the book data for 2500 steps (1 thread, shared CPU), its validation BLEU, that of its copy
+# after 70 % one-shot magnitude pruning (sparsekit.prune.prune_model), and the strongest baseline's (the
+# gloss). Rule: the best validation BLEU among candidates >= 10 above the gloss whose 70 % pruning costs
+# >= 1/3 of that margin. The lexicon subset and the 2500 steps come from an earlier calibration (full
+# lexicon: BLEU 13.5 at 2000 steps, 13.9 at 3000), which was scored on the test split and not re-run.
+SELECTION = (
+    {"candidate": "T5 d128, FFN 512, 2+2 layers", "validation BLEU": 38.1, "after 70% magnitude": 13.3,
+     "gloss baseline": 26.6, "chosen": True},
+)
 PAPER_PREFIX = "translate English to German: "
 # the gloss of the grammar's conjunctions, with the comma German always writes before them
 GLOSS_CONJUNCTIONS = {"that": [",", "dass"], "because": [",", "weil"]}
@@ -165,8 +175,7 @@ class TranslationTask(Task):
 
             return AutoConfig.from_pretrained(self.real.model_id)
         tok = self.tokenizer(scale)
-        # d128/ffn512 beat d192/ffn768 here: BLEU 46.8 vs 16.6 at 2500 steps, and 70% magnitude pruning
-        # costs 81% of its margin over the baseline instead of 30% (measured with 1 thread, same data)
+        # chosen on validation: see SELECTION
         dims = {"smoke": (64, 128, 1, 2), "book": (128, 512, 2, 4)}[scale]
         d_model, d_ff, layers, heads = dims
         return T5Config(
