@@ -171,3 +171,21 @@ def test_tokenizer_key_follows_the_tokenizer_code():
 
     assert OtherTokenizer().data_key("smoke") == TranslationTask().data_key("smoke")
     assert OtherTokenizer().tokenizer_key("smoke") != TranslationTask().tokenizer_key("smoke")
+
+
+def test_code_digest_is_the_same_in_every_process():
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from sparsekit.tasks.base import code_digest\n"
+        "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\n"
+        "print(code_digest(f))"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(digests) == 1

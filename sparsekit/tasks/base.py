@@ -7,7 +7,7 @@ trained by the shared loop (:mod:`sparsekit.tasks.training`) and cached on disk
 metric.
 
 Caches are keyed by content: :meth:`Task.data_key` digests the generated rows of every split and the
-versions of everything that generated them (:meth:`Task.generators`); the tokenizer's key adds the source
+versions of everything that generated them (:meth:`Task.generators`); the tokenizer's key adds a digest
 of the task's tokenizer-training code; the teacher's key adds the model and training configs. A cached
 teacher is used with the tokenizer saved beside it. Every ``evaluate(limit=...)`` is validated here
 (``limit`` is a positive int or ``None``), once for all tasks.
@@ -83,9 +83,15 @@ def code_digest(function) -> str:
     Taken from the loaded code object, not the source file, so editing the file while a process runs
     (or moving lines) does not change it; changing what the function does does."""
 
+    def constant(c):
+        if inspect.iscode(c):
+            return material(c)
+        if isinstance(c, frozenset):  # its repr's order follows the per-process string hash seed
+            return sorted(map(repr, c))
+        return repr(c)
+
     def material(code):
-        consts = [material(c) if inspect.iscode(c) else repr(c) for c in code.co_consts]
-        return [code.co_code.hex(), list(code.co_names), consts]
+        return [code.co_code.hex(), list(code.co_names), [constant(c) for c in code.co_consts]]
 
     return digest(material(inspect.unwrap(function).__code__))
 
@@ -260,7 +266,7 @@ class Task:
 
     # ---- tokenizer ----------------------------------------------------------------------------
     def tokenizer_key(self, scale: str = "book") -> str:
-        """Digest of :meth:`data_key` and the source of the task's tokenizer-training code."""
+        """Digest of :meth:`data_key` and of the task's tokenizer-training code (:func:`code_digest`)."""
         return digest({"data": self.data_key(scale), "code": code_digest(type(self)._train_tokenizer)})
 
     def tokenizer_path(self, scale: str = "book"):
