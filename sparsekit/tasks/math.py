@@ -112,6 +112,7 @@ class MathTask(Task):
     # paper path (sparsekit.tasks.real): the paper's dense GSM8K teacher (MPT-7B fine-tuned on GSM8K by the
     # paper's authors), loaded with transformers' own MPT classes (sparsekit.tasks.mpt_checkpoint); GSM8K has
     # no validation split: its last 500 training problems are carved out of train; no heldout split
+    generator_packages = ("reasoning-gym",)  # its version enters the data key
     real = RealPath(
         model_id="neuralmagic/mpt-7b-gsm8k-pt",
         dataset_id="openai/gsm8k",
