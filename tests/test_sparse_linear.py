@@ -11,13 +11,14 @@ from sparsekit.kernels import (
     KernelEntry,
     SparseLinear,
     densify_linears,
+    dispatch,
     register_kernel,
     select_kernel,
     sparse_linear,
     sparse_weights,
     sparsify_linears,
 )
-from sparsekit.kernels.sparse_linear import _KERNELS, choose_format, cpu_max_batch_expand
+from sparsekit.kernels.sparse_linear import _KERNELS, choose_format
 from sparsekit.prune import magnitude_prune
 
 torch.set_num_threads(2)
@@ -60,7 +61,8 @@ def test_dispatch_falls_back_to_dense_for_large_batches_and_other_dtypes():
     linear = pruned_linear()
     sparse = SparseLinear.from_linear(linear, format="bitmask")
     weight = sparse.weight_sparse
-    limit = cpu_max_batch_expand(weight.sparsity)
+    limit = dispatch.max_batch("expand", weight.sparsity)
+    assert limit >= 1
     assert select_kernel(weight, "cpu", torch.float32, 1).name == "cpu-bitmask"
     assert select_kernel(weight, "cpu", torch.float32, limit + 1) is None
     assert select_kernel(weight, "cpu", torch.float64, 1) is None
@@ -124,6 +126,39 @@ def test_invalid_arguments():
         SparseLinear.from_linear(pruned_linear(sparsity=0.7), format="nm", nm=(2, 4))
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify_linears(tiny_model(), min_sparsity=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_x_raises_type_error_naming_x(dtype):
+    sparse = SparseLinear.from_linear(pruned_linear(), format="bitmask")
+    with pytest.raises(TypeError, match=r"x must be a floating tensor.*" + str(dtype).replace("torch.", "")):
+        sparse(torch.ones(2, 40, dtype=dtype))
+
+
+def test_float64_x_is_computed_in_float64_and_wrong_width_is_named():
+    linear = pruned_linear()
+    sparse = SparseLinear.from_linear(linear, format="bitmask")
+    x = torch.randn(2, 40, dtype=torch.float64)
+    y = sparse(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.linear(x, linear.weight.double(), linear.bias.double()))
+    with pytest.raises(ValueError, match=r"in_features=40.*\(2, 41\)"):
+        sparse(torch.randn(2, 41))
+
+
+def test_sparsify_linears_validates_every_layer_before_swapping_any():
+    model = prune_tiny(tiny_model())  # 2:4 on one layer in four, unstructured on the others
+    names = [name for name, _ in prunable_linears(model)]
+    with pytest.raises(ValueError, match=rf"layer '{names[0]}'.*not N:M"):
+        sparsify_linears(model, format="nm")
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())  # nothing half converted
+
+
+def test_sparsify_linears_takes_one_target_as_a_string():
+    model = prune_tiny(tiny_model())
+    name = [name for name, _ in prunable_linears(model)][0]
+    table = sparsify_linears(model, targets=name)
+    assert list(table["layer"]) == [name] and bool(table["replaced"].all())
 
 
 def tiny_model(seed=0):
