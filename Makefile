@@ -9,7 +9,7 @@ APT_PACKAGES := $(shell cat binder/apt.txt)
 SCALE ?= book
 export PYTHONHASHSEED := 0
 
-.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench lab clean
+.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench calibrate lab clean
 
 setup: $(STAMP) apt
 
@@ -58,6 +58,10 @@ bench: setup
 	$(PY) kernels/bench_prune.py
 	$(PY) kernels/bench_linear.py --json build/bench_linear.json
 	$(PY) kernels/bench_decode.py --json build/bench_decode.json
+
+# SparseLinear's CPU dispatch rules for this machine ($SPARSEKIT_CACHE/kernels/calibration.json)
+calibrate: setup
+	$(VENV)/bin/sparsekit bench --calibrate
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -285,12 +285,17 @@ def _dense_int8(Wp) -> _Parts:
 
 
 def _torch_int8_dynamic(Wp):
-    from torch.ao.quantization import quantize_dynamic
+    """torch's int8 dynamic-quantized Linear (deprecated by torch, still the stock CPU int8 path)."""
+    import warnings
 
-    linear = torch.nn.Linear(Wp.shape[1], Wp.shape[0], bias=False)
-    with torch.no_grad():
-        linear.weight.copy_(Wp)
-    return quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        from torch.ao.quantization import quantize_dynamic
+
+        linear = torch.nn.Linear(Wp.shape[1], Wp.shape[0], bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(Wp)
+        return quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def linear_candidates(Wp: torch.Tensor, pattern: str, rotate_bytes: int, values_dtype: torch.dtype,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.blocks import prunable_linears
-from sparsekit.formats import load_sparse, save_sparse
+from sparsekit.formats import BitmaskWeight, load_sparse, save_sparse
 from sparsekit.kernels import (
     KernelEntry,
     SparseLinear,
@@ -234,3 +234,29 @@ def test_gradients_flow_to_the_input():
     sparse(x).sum().backward()
     expected = linear.weight.sum(0).expand(2, -1)
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_quantized_weights_go_to_the_int_kernels_and_their_dense_path_dequantizes():
+    """A weight with the spec's quantization attributes (bits, group_size, scales), as the formats hold it."""
+    from types import SimpleNamespace
+
+    from sparsekit.benchmarking import quantize_rtn_parts
+    from sparsekit.kernels import reference
+    from sparsekit.kernels.sparse_linear import dense_weight, quant_parts
+
+    W = pruned_linear(in_features=64, out_features=12).weight.detach()
+    parts = quantize_rtn_parts(W, 4, 32)
+    weight = BitmaskWeight.from_dense(W)
+    for name in ("values", "group_size"):
+        setattr(weight, name, parts[name])
+    weight.bits, weight.scales = 4, parts["scales"]
+    assert quant_parts(weight) == (parts["scales"], 32)
+    assert quant_parts(SimpleNamespace(bits=None)) == (None, 0)
+    dense = reference.bitmask_dense(parts["bitmask"], parts["values"], parts["row_offsets"], 64,
+                                    parts["scales"], 32)
+    assert torch.equal(dense_weight(weight), dense) and bool((dense[W == 0] == 0).all())
+    entry = select_kernel(weight, "cpu", torch.float32, 1)
+    x = torch.randn(1, 64)
+    assert entry.name == "cpu-bitmask"
+    torch.testing.assert_close(entry.run(x, weight), x @ dense.T, rtol=1e-5, atol=1e-5)
+    assert dispatch.max_batch("expand-int4", weight.sparsity) >= 1
