@@ -302,7 +302,8 @@ def linear_candidates(Wp: torch.Tensor, pattern: str, rotate_bytes: int, values_
                       torch_csr: bool = True, baselines: bool = True, quantized: bool = True,
                       group_size: int | None = 128) -> dict[str, Candidate]:
     """The kernels compared on one pruned weight ``Wp``: torch dense fp32 / bf16 (and CSR int32), and
-    sparsekit bitmask, N:M (for N:M patterns) and CSR with ``values_dtype`` values. ``baselines`` adds
+    sparsekit bitmask, N:M (for N:M patterns) and CSR with ``values_dtype`` values (x in that dtype too,
+    as torch dense bf16 gets it; the quantized kernels take fp32 x). ``baselines`` adds
     torch dense fp16, torch's int8 dynamic-quantized Linear and our dense bf16 / int8 kernels;
     ``quantized`` adds our sparse int8 (bitmask) and int4 (bitmask, and N:M for N:M patterns) kernels,
     RTN-quantized with ``group_size`` (None: per channel)."""
@@ -324,7 +325,7 @@ def linear_candidates(Wp: torch.Tensor, pattern: str, rotate_bytes: int, values_
         out["sparsekit dense bf16"] = Candidate(
             "dense", dense_bf16, torch.bfloat16,
             _copies(lambda: _Parts({"weight": Wp.bfloat16()}, 0), dense_bf16, rotate_bytes),
-            _run_dense_kernel)
+            _run_dense_kernel, x_dtype=torch.bfloat16)
         dense8 = _dense_int8(Wp)
         out["sparsekit dense int8"] = Candidate("dense", dense8.nbytes, torch.int8,
                                                 _copies(dense8.clone, dense8.nbytes, rotate_bytes),
@@ -353,9 +354,9 @@ def linear_candidates(Wp: torch.Tensor, pattern: str, rotate_bytes: int, values_
         nm = NMWeight.from_dense(Wp, nm=parse_pattern(pattern)["nm"], dtype=values_dtype)
         weights["sparsekit nm"] = (nm, _run_nm)
     weights["sparsekit csr"] = (CSRWeight.from_dense(Wp, dtype=values_dtype), _run_csr)
-    for name, (weight, run) in weights.items():
+    for name, (weight, run) in weights.items():  # x in the values' dtype, as torch dense bf16 gets it
         copies = _copies(lambda w=weight: _clone_weight(w), weight.nbytes, rotate_bytes)
-        out[name] = Candidate(weight.format, weight.nbytes, values_dtype, copies, run)
+        out[name] = Candidate(weight.format, weight.nbytes, values_dtype, copies, run, x_dtype=values_dtype)
     return out
 
 

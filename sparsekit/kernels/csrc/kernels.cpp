@@ -4,9 +4,8 @@
 //   avx2     (AVX2+FMA+F16C+BMI2) each mask byte selects a shuffle pattern from a 256-entry table that moves
 //            the next popcount(byte) packed values into their 8 column slots (zeros elsewhere); one FMA
 //            meets 8 contiguous x values, so x is read contiguously and nothing is gathered;
-//   avx512   (F/BW/VL/VBMI2/BF16) the expansion is one instruction: vpexpandw/vpexpandb/vexpandps load
-//            exactly popcount(mask) packed values into the set lanes (masked loads: nothing is read past a
-//            row); bf16 values meet bf16 x in vdpbf16ps, or fp32 x after a 16-bit shift (exact); int8 and
+//   avx512   (F/BW/VL/VBMI2/BF16) a masked load of exactly popcount(mask) packed values (nothing is read
+//            past a row) and one vpexpandw/vpexpandb/vexpandps puts them in the set lanes; bf16 values meet bf16 x in vdpbf16ps, or fp32 x after a 16-bit shift (exact); int8 and
 //            int4 are widened to fp32 in registers and scaled once per group; fp32 accumulation throughout.
 //
 // Every function carries its own target attribute, so one build runs on every x86-64 CPU.
@@ -599,6 +598,17 @@ SK_AVX2 static void to_dense_rows_avx2(const Args &a, int64_t r0, int64_t r1) {
 
 // ------------------------------------------------------------------ AVX-512 kernels
 
+// vpexpand* with a memory operand is slow on some cores (microcoded on AMD Zen 4): load the popcount(m)
+// packed elements with a masked (fault-suppressing) load, then expand register to register.
+SK_AVX512 SK_INLINE __m512i expand16(const uint16_t *v, __mmask32 m) {
+    const __mmask32 first = (__mmask32)_bzhi_u32(~0u, (unsigned)__builtin_popcount((uint32_t)m));
+    return _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(first, v));
+}
+
+SK_AVX512 SK_INLINE __mmask16 low_bits16(__mmask16 m) {
+    return (__mmask16)_bzhi_u32(0xffffu, (unsigned)__builtin_popcount((uint32_t)m));
+}
+
 SK_AVX512 SK_INLINE __m512 bf16x16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -621,32 +631,41 @@ SK_AVX512 SK_INLINE __m512i load_i4(const uint8_t *base, int64_t p, int pc) {
     return _mm512_sub_epi8(_mm512_xor_si512(spread, eight), eight);
 }
 
-// One row times NB (<= 8) rows of x, 64 columns (8 mask bytes) per step.
+// One row times NB (<= 8) rows of x, 64 columns (8 mask bytes) per step. NA independent accumulators per
+// batch row (4 at batch 1) keep the FMA / dot-product latency chains from setting the pace.
 template <int VT, int NB>
 SK_AVX512 SK_INLINE void row_avx512(const Args &a, int64_t r, int64_t b0, float *out) {
+    constexpr int NA = NB == 1 ? 4 : NB == 2 ? 2 : 1;
     const uint8_t *mask = row_mask(a, r);
     const int64_t bpr = a.bpr, gs = a.group_size;
     constexpr bool quant = VT == VT_I8 || VT == VT_I4;
     const uint16_t *scales = quant ? a.scales + r * a.groups : nullptr;
     const bool per_channel = quant && gs == a.K;
     int64_t p = row_start(a, r), next_flush = gs;
-    __m512 acc[NB], total[NB];
-    for (int b = 0; b < NB; b++) acc[b] = total[b] = _mm512_setzero_ps();
+    __m512 acc[NB][NA], total[NB];
+    for (int b = 0; b < NB; b++) {
+        total[b] = _mm512_setzero_ps();
+        for (int k = 0; k < NA; k++) acc[b][k] = _mm512_setzero_ps();
+    }
     for (int64_t j = 0; j < bpr; j += 8) {
         uint64_t m = 0;
-        std::memcpy(&m, mask + j, (size_t)std::min<int64_t>(8, bpr - j));
+        if (j + 8 <= bpr)
+            std::memcpy(&m, mask + j, 8);  // a fixed size: one load, not a call
+        else
+            for (int64_t t = j; t < bpr; t++) m |= (uint64_t)mask[t] << (8 * (t - j));
         const int64_t c = 8 * j;
         if (VT == VT_BF16) {
             const uint16_t *v = (const uint16_t *)a.values;
-            const __m512i w0 = _mm512_maskz_expandloadu_epi16((__mmask32)m, v + p);
+            const __m512i w0 = expand16(v + p, (__mmask32)m);
             p += __builtin_popcount((uint32_t)m);
-            const __m512i w1 = _mm512_maskz_expandloadu_epi16((__mmask32)(m >> 32), v + p);
+            const __m512i w1 = expand16(v + p, (__mmask32)(m >> 32));
             p += __builtin_popcount((uint32_t)(m >> 32));
             if (a.xbf) {  // bf16 x: pairs of products in one vdpbf16ps
                 for (int b = 0; b < NB; b++) {
                     const uint16_t *xb = a.xbf + (b0 + b) * a.ldx + c;
-                    acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xb));
-                    acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xb + 32));
+                    acc[b][0] = _mm512_dpbf16_ps(acc[b][0], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xb));
+                    acc[b][1 % NA] = _mm512_dpbf16_ps(acc[b][1 % NA], (__m512bh)w1,
+                                                      (__m512bh)_mm512_loadu_si512(xb + 32));
                 }
             } else {  // fp32 x stays exact: bf16 -> fp32 is a 16-bit shift
                 const __m512 f[4] = {bf16x16_to_f32(_mm512_castsi512_si256(w0)),
@@ -655,62 +674,66 @@ SK_AVX512 SK_INLINE void row_avx512(const Args &a, int64_t r, int64_t b0, float 
                                      bf16x16_to_f32(_mm512_extracti64x4_epi64(w1, 1))};
                 for (int b = 0; b < NB; b++) {
                     const float *xb = a.x + (b0 + b) * a.ldx + c;
-                    for (int q = 0; q < 4; q++) acc[b] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xb + 16 * q), acc[b]);
+                    for (int q = 0; q < 4; q++)
+                        acc[b][q % NA] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xb + 16 * q), acc[b][q % NA]);
                 }
             }
         } else if (VT == VT_F16) {
             const uint16_t *v = (const uint16_t *)a.values;
             for (int h = 0; h < 2; h++) {
                 const __mmask32 mh = (__mmask32)(m >> (32 * h));
-                const __m512i w = _mm512_maskz_expandloadu_epi16(mh, v + p);
+                const __m512i w = expand16(v + p, mh);
                 p += __builtin_popcount((uint32_t)mh);
                 const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
                 const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
                 for (int b = 0; b < NB; b++) {
                     const float *xb = a.x + (b0 + b) * a.ldx + c + 32 * h;
-                    acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);
-                    acc[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[b]);
+                    acc[b][(2 * h) % NA] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b][(2 * h) % NA]);
+                    acc[b][(2 * h + 1) % NA] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[b][(2 * h + 1) % NA]);
                 }
             }
         } else if (VT == VT_F32) {
             const float *v = (const float *)a.values;
             for (int q = 0; q < 4; q++) {
                 const __mmask16 mq = (__mmask16)(m >> (16 * q));
-                const __m512 w = _mm512_maskz_expandloadu_ps(mq, v + p);
+                const __m512 w = _mm512_maskz_expand_ps(mq, _mm512_maskz_loadu_ps(low_bits16(mq), v + p));
                 p += __builtin_popcount((uint32_t)mq);
                 for (int b = 0; b < NB; b++)
-                    acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + (b0 + b) * a.ldx + c + 16 * q), acc[b]);
+                    acc[b][q % NA] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + (b0 + b) * a.ldx + c + 16 * q),
+                                                     acc[b][q % NA]);
             }
         } else {
             const int pc = __builtin_popcountll(m);
             const __m512i q = VT == VT_I8
-                                  ? _mm512_maskz_expandloadu_epi8(m, (const int8_t *)a.values + p)
+                                  ? _mm512_maskz_expand_epi8(m, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, pc),
+                                                                                         (const int8_t *)a.values + p))
                                   : _mm512_maskz_expand_epi8(m, load_i4((const uint8_t *)a.values, p, pc));
             p += pc;
-            const __m512 w0 = cvt_i8x16(_mm512_castsi512_si128(q)), w1 = cvt_i8x16(_mm512_extracti32x4_epi32(q, 1)),
-                         w2 = cvt_i8x16(_mm512_extracti32x4_epi32(q, 2)), w3 = cvt_i8x16(_mm512_extracti32x4_epi32(q, 3));
+            const __m512 w[4] = {cvt_i8x16(_mm512_castsi512_si128(q)), cvt_i8x16(_mm512_extracti32x4_epi32(q, 1)),
+                                 cvt_i8x16(_mm512_extracti32x4_epi32(q, 2)), cvt_i8x16(_mm512_extracti32x4_epi32(q, 3))};
             for (int b = 0; b < NB; b++) {
                 const float *xb = a.x + (b0 + b) * a.ldx + c;
-                acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[b]);
-                acc[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[b]);
-                acc[b] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xb + 32), acc[b]);
-                acc[b] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xb + 48), acc[b]);
+                for (int k = 0; k < 4; k++)
+                    acc[b][k % NA] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(xb + 16 * k), acc[b][k % NA]);
             }
             if (!per_channel && c + 64 == next_flush) {
                 const __m512 s = _mm512_set1_ps(f16_to_f32(scales[c / gs]));
                 for (int b = 0; b < NB; b++) {
-                    total[b] = _mm512_fmadd_ps(acc[b], s, total[b]);
-                    acc[b] = _mm512_setzero_ps();
+                    for (int k = 1; k < NA; k++) acc[b][0] = _mm512_add_ps(acc[b][0], acc[b][k]);
+                    total[b] = _mm512_fmadd_ps(acc[b][0], s, total[b]);
+                    for (int k = 0; k < NA; k++) acc[b][k] = _mm512_setzero_ps();
                 }
                 next_flush += gs;
             }
         }
     }
+    for (int b = 0; b < NB; b++)
+        for (int k = 1; k < NA; k++) acc[b][0] = _mm512_add_ps(acc[b][0], acc[b][k]);
     if (!quant) {
-        for (int b = 0; b < NB; b++) out[b] = _mm512_reduce_add_ps(acc[b]);
+        for (int b = 0; b < NB; b++) out[b] = _mm512_reduce_add_ps(acc[b][0]);
     } else if (per_channel) {
         const float s = f16_to_f32(scales[0]);
-        for (int b = 0; b < NB; b++) out[b] = s * _mm512_reduce_add_ps(acc[b]);
+        for (int b = 0; b < NB; b++) out[b] = s * _mm512_reduce_add_ps(acc[b][0]);
     } else {
         for (int b = 0; b < NB; b++) out[b] = _mm512_reduce_add_ps(total[b]);
     }
