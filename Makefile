@@ -9,7 +9,7 @@ APT_PACKAGES := $(shell cat binder/apt.txt)
 SCALE ?= book
 export PYTHONHASHSEED := 0
 
-.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench calibrate lab clean
+.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench calibrate peer lab clean
 
 setup: $(STAMP) apt
 
@@ -58,6 +58,14 @@ bench: setup
 	$(PY) kernels/bench_prune.py
 	$(PY) kernels/bench_linear.py --json build/bench_linear.json
 	$(PY) kernels/bench_decode.py --json build/bench_decode.json
+
+# DeepSparse (the paper's CPU runtime) against sparsekit on the same pruned MLP. DeepSparse needs numpy < 2,
+# so it lives in its own virtualenv, never in .venv.
+PEER_VENV := .venv-peer
+peer: setup
+	@test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet "deepsparse==1.8.0" "numpy<2" "onnx==1.16.2"
+	$(PY) kernels/bench_peer.py --peer-python $(PEER_VENV)/bin/python --json build/bench_peer.json
 
 # SparseLinear's CPU dispatch rules for this machine ($SPARSEKIT_CACHE/kernels/calibration.json)
 calibrate: setup

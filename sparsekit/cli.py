@@ -187,6 +187,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the JSON goes (default: the calibration file, or build/bench_goals.json)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the thread's CPU time on one thread (robust on a shared machine)")
 
 
 def run_bench(args) -> int:
@@ -196,14 +198,18 @@ def run_bench(args) -> int:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.timer == "cpu":
+        if args.threads not in (None, 1):
+            raise ValueError(f"--timer cpu measures one thread; got --threads {args.threads}")
+        args.threads = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.calibrate:
-        data = benchmarking.calibrate(repeats=args.repeats, path=args.out)
+        data = benchmarking.calibrate(repeats=args.repeats, path=args.out, timer=args.timer)
         print(json.dumps(data["rules"], indent=1))
         return 0
     result = benchmarking.bench_linear(shapes=[(11008, 4096)], patterns=("70%", "2:4", "90%"), batches=(1,),
-                                       repeats=args.repeats)
+                                       repeats=args.repeats, timer=args.timer)
     goals = benchmarking.goal_table(result)
     result["goals"] = goals
     path = benchmarking.write_json(result, args.out or Path("build/bench_goals.json"))
