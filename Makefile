@@ -64,7 +64,7 @@ bench: setup
 PEER_VENV := .venv-peer
 peer: setup
 	@test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
-	$(PEER_VENV)/bin/pip install --quiet "deepsparse==1.8.0" "numpy<2" "onnx==1.16.2"
+	$(PEER_VENV)/bin/pip install --quiet "deepsparse==1.8.0" "numpy==1.26.4" "onnx==1.14.1"
 	$(PY) kernels/bench_peer.py --peer-python $(PEER_VENV)/bin/python --json build/bench_peer.json
 
 # SparseLinear's CPU dispatch rules for this machine ($SPARSEKIT_CACHE/kernels/calibration.json)

@@ -47,6 +47,8 @@ class Peer:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
+        while line and not line.startswith("{"):  # DeepSparse prints a banner when it compiles
+            line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"the DeepSparse process ended (exit code {self.process.poll()})")
         return json.loads(line)
