@@ -197,8 +197,11 @@ def test_sparsify_linears_keeps_greedy_generations(monkeypatch):
                         lambda *args: paths.append(select(*args)) or paths[-1])
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kwargs), expected)
-    # one-row-per-sequence decode steps run the sparse kernels; the 18-row prefill goes dense for bitmask/N:M
-    assert sum(p is not None for p in paths) >= 6 * 23 and any(p is None for p in paths)
+    # 3-row decode steps run the sparse kernels where this machine's rules admit batch 3; the 18-row
+    # prefill goes dense
+    admitted = sum(dispatch.max_batch("csr" if m.format == "csr" else "expand", m.sparsity) >= 3
+                   for m in model.modules() if isinstance(m, SparseLinear))
+    assert admitted >= 1 and sum(p is not None for p in paths) >= admitted * 23 and any(p is None for p in paths)
     with torch.no_grad():
         torch.testing.assert_close(model(expected).logits, logits, rtol=1e-4, atol=1e-4)
 
