@@ -201,7 +201,8 @@ def test_sparsify_linears_keeps_greedy_generations(monkeypatch):
     # prefill goes dense
     admitted = sum(dispatch.max_batch("csr" if m.format == "csr" else "expand", m.sparsity) >= 3
                    for m in model.modules() if isinstance(m, SparseLinear))
-    assert admitted >= 1 and sum(p is not None for p in paths) >= admitted * 23 and any(p is None for p in paths)
+    assert admitted >= 1 and any(p is None for p in paths)
+    assert sum(p is not None for p in paths) >= admitted * 23
     with torch.no_grad():
         torch.testing.assert_close(model(expected).logits, logits, rtol=1e-4, atol=1e-4)
 
