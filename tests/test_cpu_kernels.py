@@ -152,6 +152,34 @@ def test_quantized_kernels_match_the_dequantized_reference(rows, group_size, gro
         assert_matches(OPS.dense_linear(x, q, scales, group_size, isa=isa), x, dense_q)
 
 
+@SETTINGS
+@given(rows=st.integers(1, 20), group_size=st.sampled_from([64, 128, None]), groups=st.integers(1, 3),
+       ragged=st.integers(1, 200), bits=st.sampled_from([8, 4]), nm=st.sampled_from([None, (2, 4)]),
+       batch=st.integers(1, 17), isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_int8_x_matches_the_reference_on_the_rounded_x(rows, group_size, groups, ragged, bits, nm, batch, isa,
+                                                      seed):
+    cols = ragged * 4 if group_size is None else group_size * groups
+    group_size = cols if group_size is None else group_size
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    if nm is None:
+        W = W * (torch.rand(rows, cols, generator=g) < 0.4)
+    else:
+        from sparsekit.prune import magnitude_prune
+
+        W = magnitude_prune(W, nm=nm)[0]
+    parts, dense = pack_quantized(W, bits, group_size, nm)
+    x = torch.randn(batch, cols, generator=g) * torch.rand(batch, 1, generator=g) * 3
+    args = (x, parts["bitmask"], parts["values"], *([parts["row_offsets"]] if nm is None else []), cols,
+            parts["scales"], group_size, isa, True)
+    y = (OPS.bitmask_linear if nm is None else OPS.nm_linear)(*args)
+    x_rounded = reference.quantize_x(x)
+    assert_matches(y, x_rounded, dense)
+    assert (x_rounded - x).abs().max() <= x.abs().amax() / 254 + 1e-6
+    with pytest.raises(ValueError, match="x_int8=True quantizes x for int8/int4 values"):
+        OPS.dense_linear(x, W, isa=isa, x_int8=True)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch", [1, 3, 16, 21])
 def test_larger_shapes_run_in_parallel_on_every_path(isa, batch, rows=300, cols=1030):
@@ -310,13 +338,15 @@ def op_samples():
         (OPS.csr_linear, (x, csr.indptr, csr.indices, csr.values, 40)),
         (OPS.dense_linear, (x, W.bfloat16())),
         (OPS.dense_linear, (x, dq, dscales, 8)),
+        (OPS.bitmask_linear, (x, q8["bitmask"], q8["values"], q8["row_offsets"], 40, q8["scales"], 40, "auto",
+                              True)),
         (OPS.bitmask_to_dense, (bitmask.bitmask, bitmask.values, bitmask.row_offsets, 40)),
         (OPS.bitmask_to_dense, (nm.bitmask, nm.values, None, 40)),
         (OPS.read_sum, (torch.randn(1000),)),
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_every_op_passes_opcheck_and_compiles(index):
     op, args = op_samples()[index]
     torch._dynamo.reset()

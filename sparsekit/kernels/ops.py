@@ -14,7 +14,10 @@ Each ``*_linear`` computes ``y = x Wᵀ`` for ``x [..., in_features]`` (fp32/bf1
 ``y [..., out]`` in x's dtype with fp32 accumulation. Values are fp32/bf16/fp16, or int8 / int4 (uint8,
 two per byte) with fp16 ``scales [out, in_features // group_size]``. The ops validate their parts and raise
 ``ValueError`` naming the bad one (``TypeError`` for a non-float ``x``). ``isa`` forces an instruction set
-(``"avx512"``, ``"avx2"``, ``"scalar"``; ``"auto"`` = the best available, or ``$SPARSEKIT_ISA``). A fake
+(``"avx512"``, ``"avx2"``, ``"scalar"``; ``"auto"`` = the best available, or ``$SPARSEKIT_ISA``).
+``x_int8=True`` (int8/int4 values) rounds x to int8 per row first (``x ≈ s_b · round(x / s_b)``,
+``s_b = max|x_b| / 127``, as torch's dynamic int8 Linear does), which the AVX-512 path multiplies in int8
+with VNNI (``vpdpbusd``); off by default, so that ``SparseLinear`` stays exact in x. A fake
 implementation gives each output's shape, so ``torch.compile`` traces through them; there is no autograd
 formula (inference only).
 
@@ -36,13 +39,14 @@ __all__ = ["backend", "isa_paths", "active_isa", "ISAS", "SCHEMAS"]
 ISAS = ("scalar", "avx2", "avx512")
 SCHEMAS = {
     "bitmask_linear": "bitmask_linear(Tensor x, Tensor bitmask, Tensor values, Tensor row_offsets, "
-                      "int in_features, Tensor? scales=None, int group_size=0, str isa=\"auto\") -> Tensor",
+                      "int in_features, Tensor? scales=None, int group_size=0, str isa=\"auto\", "
+                      "bool x_int8=False) -> Tensor",
     "nm_linear": "nm_linear(Tensor x, Tensor bitmask, Tensor values, int in_features, Tensor? scales=None, "
-                 "int group_size=0, str isa=\"auto\") -> Tensor",
+                 "int group_size=0, str isa=\"auto\", bool x_int8=False) -> Tensor",
     "csr_linear": "csr_linear(Tensor x, Tensor indptr, Tensor indices, Tensor values, int in_features, "
                   "str isa=\"auto\") -> Tensor",
     "dense_linear": "dense_linear(Tensor x, Tensor weight, Tensor? scales=None, int group_size=0, "
-                    "str isa=\"auto\") -> Tensor",
+                    "str isa=\"auto\", bool x_int8=False) -> Tensor",
     "bitmask_to_dense": "bitmask_to_dense(Tensor bitmask, Tensor values, Tensor? row_offsets, "
                         "int in_features) -> Tensor",
     "read_sum": "read_sum(Tensor buffer) -> Tensor",
@@ -51,11 +55,14 @@ SCHEMAS = {
 
 
 def _reference_ops() -> dict:
-    def bitmask_linear(x, bitmask, values, row_offsets, in_features, scales=None, group_size=0, isa="auto"):
+    def bitmask_linear(x, bitmask, values, row_offsets, in_features, scales=None, group_size=0, isa="auto",
+                       x_int8=False):
+        x = reference.quantize_x(x) if x_int8 else x
         return reference.linear(x, reference.bitmask_dense(bitmask, values, row_offsets, in_features, scales,
                                                            group_size))
 
-    def nm_linear(x, bitmask, values, in_features, scales=None, group_size=0, isa="auto"):
+    def nm_linear(x, bitmask, values, in_features, scales=None, group_size=0, isa="auto", x_int8=False):
+        x = reference.quantize_x(x) if x_int8 else x
         return reference.linear(x, reference.bitmask_dense(bitmask, values, None, in_features, scales,
                                                            group_size))
 
@@ -66,7 +73,8 @@ def _reference_ops() -> dict:
         dense[torch.repeat_interleave(torch.arange(rows), counts), indices.to(torch.int64)] = values.float()
         return reference.linear(x, dense)
 
-    def dense_linear(x, weight, scales=None, group_size=0, isa="auto"):
+    def dense_linear(x, weight, scales=None, group_size=0, isa="auto", x_int8=False):
+        x = reference.quantize_x(x) if x_int8 else x
         dense = weight if scales is None else reference.dequantize_dense(weight, scales, group_size)
         return reference.linear(x, dense)
 
@@ -95,12 +103,12 @@ def _linear_fake(x, rows):
 
 
 @torch.library.register_fake("sparsekit::bitmask_linear")
-def _(x, bitmask, values, row_offsets, in_features, scales=None, group_size=0, isa="auto"):
+def _(x, bitmask, values, row_offsets, in_features, scales=None, group_size=0, isa="auto", x_int8=False):
     return _linear_fake(x, bitmask.shape[0])
 
 
 @torch.library.register_fake("sparsekit::nm_linear")
-def _(x, bitmask, values, in_features, scales=None, group_size=0, isa="auto"):
+def _(x, bitmask, values, in_features, scales=None, group_size=0, isa="auto", x_int8=False):
     return _linear_fake(x, bitmask.shape[0])
 
 
@@ -110,7 +118,7 @@ def _(x, indptr, indices, values, in_features, isa="auto"):
 
 
 @torch.library.register_fake("sparsekit::dense_linear")
-def _(x, weight, scales=None, group_size=0, isa="auto"):
+def _(x, weight, scales=None, group_size=0, isa="auto", x_int8=False):
     return _linear_fake(x, weight.shape[0])
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["unpack_int4", "pack_int4", "unpack_mask", "bitmask_dense", "dequantize_dense", "linear"]
+__all__ = ["unpack_int4", "pack_int4", "unpack_mask", "bitmask_dense", "dequantize_dense", "linear",
+           "quantize_x"]
 
 
 def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
@@ -67,3 +68,11 @@ def bitmask_dense(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torc
 def linear(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``x Wᵀ`` computed in fp32 and returned in x's dtype (what the kernels return)."""
     return F.linear(x.float(), dense.float()).to(x.dtype)
+
+
+def quantize_x(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per row and back (the ops' ``x_int8``): ``s · round(x / s)``,
+    ``s = max|x| / 127``."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
+    return (torch.round(xf / scale).clamp(-127, 127) * scale).to(x.dtype)

@@ -226,7 +226,7 @@ int cpu_isas() {
     if ((isas & (1 << ISA_AVX2)) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
-        __builtin_cpu_supports("avx512bf16"))
+        __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"))
         isas |= 1 << ISA_AVX512;
     return isas;
 }
@@ -739,6 +739,76 @@ SK_AVX512 SK_INLINE void row_avx512(const Args &a, int64_t r, int64_t b0, float 
     }
 }
 
+// Quantized values times int8 x (VNNI): per group g, sum_c q_c xq_c = sum_c (q_c + 128) xq_c - 128 sum_c xq_c,
+// the first by vpdpbusd (unsigned q + 128 times signed xq, exact int32), the second from a.xsum; then
+// y = xscale * sum_g scale_g * (that). Pruned positions (q = 0) cancel in the two terms.
+template <int VT, int NB>
+SK_AVX512 SK_INLINE void row_vnni(const Args &a, int64_t r, int64_t b0, float *out) {
+    const uint8_t *mask = row_mask(a, r);
+    const int64_t bpr = a.bpr, gs = a.group_size;
+    const uint16_t *scales = a.scales + r * a.groups;
+    int64_t p = row_start(a, r), next_flush = gs, g = 0;
+    __m512i acc[NB];
+    __m512 total[NB];
+    float correction[NB];
+    for (int b = 0; b < NB; b++) {
+        acc[b] = _mm512_setzero_si512();
+        total[b] = _mm512_setzero_ps();
+        correction[b] = 0.0f;
+    }
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    for (int64_t j = 0; j < bpr; j += 8) {
+        uint64_t m = 0;
+        if (j + 8 <= bpr)
+            std::memcpy(&m, mask + j, 8);
+        else
+            for (int64_t t = j; t < bpr; t++) m |= (uint64_t)mask[t] << (8 * (t - j));
+        const int64_t c = 8 * j;
+        const int pc = __builtin_popcountll(m);
+        const __m512i q = VT == VT_I8
+                              ? _mm512_maskz_expand_epi8(m, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, pc),
+                                                                                     (const int8_t *)a.values + p))
+                              : _mm512_maskz_expand_epi8(m, load_i4((const uint8_t *)a.values, p, pc));
+        p += pc;
+        const __m512i qu = _mm512_xor_si512(q, offset);  // q + 128 as unsigned bytes
+        for (int b = 0; b < NB; b++)
+            acc[b] = _mm512_dpbusd_epi32(acc[b], qu, _mm512_loadu_si512(a.xq + (b0 + b) * a.ldx + c));
+        if (c + 64 == next_flush || j + 8 >= bpr) {  // a group ends (per channel: the row ends)
+            const float s = f16_to_f32(scales[g]);
+            for (int b = 0; b < NB; b++) {
+                total[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]), _mm512_set1_ps(s), total[b]);
+                correction[b] += s * 128.0f * (float)a.xsum[(b0 + b) * a.groups + g];
+                acc[b] = _mm512_setzero_si512();
+            }
+            next_flush += gs;
+            g++;
+        }
+    }
+    for (int b = 0; b < NB; b++) out[b] = a.xscale[b0 + b] * (_mm512_reduce_add_ps(total[b]) - correction[b]);
+}
+
+template <int VT>
+SK_AVX512 static void vnni_rows_avx512(const Args &a, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        if (!row_ok(a, r)) continue;
+        for (int64_t b0 = 0; b0 < a.B; b0 += 8) {
+            const int64_t nb = std::min<int64_t>(8, a.B - b0);
+            float out[8];
+            switch (nb) {
+            case 1: row_vnni<VT, 1>(a, r, b0, out); break;
+            case 2: row_vnni<VT, 2>(a, r, b0, out); break;
+            case 3: row_vnni<VT, 3>(a, r, b0, out); break;
+            case 4: row_vnni<VT, 4>(a, r, b0, out); break;
+            case 5: row_vnni<VT, 5>(a, r, b0, out); break;
+            case 6: row_vnni<VT, 6>(a, r, b0, out); break;
+            case 7: row_vnni<VT, 7>(a, r, b0, out); break;
+            default: row_vnni<VT, 8>(a, r, b0, out); break;
+            }
+            for (int64_t b = 0; b < nb; b++) a.y[(b0 + b) * a.R + r] = out[b];
+        }
+    }
+}
+
 template <int VT>
 SK_AVX512 static void bitmask_rows_avx512(const Args &a, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
@@ -811,6 +881,18 @@ RowsFn bitmask_rows(Isa isa, const Args &a) {
     (void)isa;
     (void)a;
     return bitmask_rows_scalar;
+}
+
+RowsFn vnni_rows(Isa isa, const Args &a) {
+#if SK_X86
+    if (isa == ISA_AVX512 && quant_vector_ok(a, 64)) {
+        if (a.vt == VT_I8) return vnni_rows_avx512<VT_I8>;
+        if (a.vt == VT_I4) return vnni_rows_avx512<VT_I4>;
+    }
+#endif
+    (void)isa;
+    (void)a;
+    return nullptr;
 }
 
 RowsFn csr_rows(Isa isa, const Args &a) {

@@ -6,7 +6,9 @@
 // raises ValueError naming it. Work is split over output rows on torch's intra-op thread pool
 // (at::parallel_for, torch.set_num_threads), chunks handed out dynamically so that a core slowed by another
 // process takes fewer. The instruction set is chosen per call: isa="auto" (or $SPARSEKIT_ISA) takes the
-// best this CPU supports; "avx512", "avx2" or "scalar" force one.
+// best this CPU supports; "avx512", "avx2" or "scalar" force one. x_int8=True (int8/int4 values only)
+// first rounds x to int8 per batch row (x ~ s_b * xq, symmetric, like torch's dynamic int8 Linear): every path
+// then computes with that x, the AVX-512 one in int8 with vpdpbusd (VNNI).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -152,7 +154,7 @@ void run_rows(sk::RowsFn fn, const sk::Args &a) {
 
 // y [B, R] fp32 of the bitmask kernels; x padded to whole 64-column steps (zeros never meet a kept weight).
 Tensor bitmask_matmul(const char *op, sk::Args &a, const Tensor &x, const std::string &isa_name,
-                      const char *length_part) {
+                      const char *length_part, bool x_int8) {
     const sk::Isa isa = pick_isa(isa_name);
     const Tensor x2 = flat_x(op, x, a.K);
     a.B = x2.size(0);
@@ -161,6 +163,19 @@ Tensor bitmask_matmul(const char *op, sk::Args &a, const Tensor &x, const std::s
     if (a.B == 0 || a.R == 0) return y;
     Tensor xp = at::zeros({a.B, a.ldx}, x.options().dtype(at::kFloat));
     xp.narrow(1, 0, a.K).copy_(x2);
+    Tensor xq, xscale, xsum;
+    if (x_int8) {  // x ~ xscale * xq per batch row, symmetric; every path computes with this x
+        TORCH_CHECK_VALUE(a.vt == sk::VT_I8 || a.vt == sk::VT_I4, op,
+                          ": x_int8=True quantizes x for int8/int4 values; these values are floating");
+        xscale = std::get<0>(xp.abs().max(1)).div_(127.0).clamp_min_(1e-30);
+        Tensor q = at::round(xp / xscale.unsqueeze(1)).clamp_(-127, 127);
+        xp = q * xscale.unsqueeze(1);
+        xq = q.to(at::kChar);
+        xsum = q.narrow(1, 0, a.K).reshape({a.B, a.groups, a.K / a.groups}).sum(2).to(at::kInt).contiguous();
+        a.xq = xq.data_ptr<int8_t>();
+        a.xscale = xscale.data_ptr<float>();
+        a.xsum = xsum.data_ptr<int32_t>();
+    }
     a.x = xp.data_ptr<float>();
     a.y = y.data_ptr<float>();
     Tensor xbf, blocked;
@@ -184,7 +199,11 @@ Tensor bitmask_matmul(const char *op, sk::Args &a, const Tensor &x, const std::s
         pass.xbf = a.xbf ? a.xbf + b0 * a.ldx : nullptr;
         pass.xt = a.xt ? a.xt + (b0 / 8) * 64 * a.bpr : nullptr;
         pass.y = a.y + b0 * a.R;
-        run_rows(sk::bitmask_rows(isa, pass), pass);
+        pass.xq = a.xq ? a.xq + b0 * a.ldx : nullptr;
+        pass.xscale = a.xscale ? a.xscale + b0 : nullptr;
+        pass.xsum = a.xsum ? a.xsum + b0 * a.groups : nullptr;
+        sk::RowsFn fn = x_int8 ? sk::vnni_rows(isa, pass) : nullptr;
+        run_rows(fn ? fn : sk::bitmask_rows(isa, pass), pass);
         if (bad.load() >= 0) break;
     }
     const int64_t r = bad.load();
@@ -202,7 +221,7 @@ Tensor shaped(const Tensor &y, const Tensor &x, int64_t R) {
 
 Tensor bitmask_linear(const Tensor &x, const Tensor &bitmask, const Tensor &values, const Tensor &row_offsets,
                       int64_t in_features, const c10::optional<Tensor> &scales, int64_t group_size,
-                      c10::string_view isa) {
+                      c10::string_view isa, bool x_int8) {
     const char *op = "sparsekit.bitmask_linear";
     sk::Args a;
     check_bitmask(op, a, bitmask, in_features);
@@ -226,11 +245,11 @@ Tensor bitmask_linear(const Tensor &x, const Tensor &bitmask, const Tensor &valu
     a.nvalues = kept;
     a.value_bytes = values.numel() * values.element_size();
     check_scales(op, a, scales, group_size);
-    return shaped(bitmask_matmul(op, a, x, std::string(isa), "row_offsets"), x, a.R);
+    return shaped(bitmask_matmul(op, a, x, std::string(isa), "row_offsets", x_int8), x, a.R);
 }
 
 Tensor nm_linear(const Tensor &x, const Tensor &bitmask, const Tensor &values, int64_t in_features,
-                 const c10::optional<Tensor> &scales, int64_t group_size, c10::string_view isa) {
+                 const c10::optional<Tensor> &scales, int64_t group_size, c10::string_view isa, bool x_int8) {
     const char *op = "sparsekit.nm_linear";
     sk::Args a;
     check_bitmask(op, a, bitmask, in_features);
@@ -253,11 +272,11 @@ Tensor nm_linear(const Tensor &x, const Tensor &bitmask, const Tensor &values, i
     a.nvalues = a.R * a.row_stride;
     a.value_bytes = values.numel() * values.element_size();
     check_scales(op, a, scales, group_size);
-    return shaped(bitmask_matmul(op, a, x, std::string(isa), "values"), x, a.R);
+    return shaped(bitmask_matmul(op, a, x, std::string(isa), "values", x_int8), x, a.R);
 }
 
 Tensor dense_linear(const Tensor &x, const Tensor &weight, const c10::optional<Tensor> &scales, int64_t group_size,
-                    c10::string_view isa) {
+                    c10::string_view isa, bool x_int8) {
     const char *op = "sparsekit.dense_linear";
     check_part(op, "weight", weight, {at::kFloat, at::kBFloat16, at::kHalf, at::kChar}, 2);
     sk::Args a;
@@ -274,7 +293,7 @@ Tensor dense_linear(const Tensor &x, const Tensor &weight, const c10::optional<T
     a.nvalues = a.R * a.K;
     a.value_bytes = weight.numel() * weight.element_size();
     check_scales(op, a, scales, group_size);
-    return shaped(bitmask_matmul(op, a, x, std::string(isa), "weight"), x, a.R);
+    return shaped(bitmask_matmul(op, a, x, std::string(isa), "weight", x_int8), x, a.R);
 }
 
 Tensor csr_linear(const Tensor &x, const Tensor &indptr, const Tensor &indices, const Tensor &values,
@@ -391,12 +410,13 @@ Tensor read_sum(const Tensor &buffer) {
 
 TORCH_LIBRARY(sparsekit, m) {
     m.def("bitmask_linear(Tensor x, Tensor bitmask, Tensor values, Tensor row_offsets, int in_features, "
-          "Tensor? scales=None, int group_size=0, str isa=\"auto\") -> Tensor");
+          "Tensor? scales=None, int group_size=0, str isa=\"auto\", bool x_int8=False) -> Tensor");
     m.def("nm_linear(Tensor x, Tensor bitmask, Tensor values, int in_features, Tensor? scales=None, "
-          "int group_size=0, str isa=\"auto\") -> Tensor");
+          "int group_size=0, str isa=\"auto\", bool x_int8=False) -> Tensor");
     m.def("csr_linear(Tensor x, Tensor indptr, Tensor indices, Tensor values, int in_features, "
           "str isa=\"auto\") -> Tensor");
-    m.def("dense_linear(Tensor x, Tensor weight, Tensor? scales=None, int group_size=0, str isa=\"auto\") -> Tensor");
+    m.def("dense_linear(Tensor x, Tensor weight, Tensor? scales=None, int group_size=0, str isa=\"auto\", "
+          "bool x_int8=False) -> Tensor");
     m.def("bitmask_to_dense(Tensor bitmask, Tensor values, Tensor? row_offsets, int in_features) -> Tensor");
     m.def("read_sum(Tensor buffer) -> Tensor");
     m.def("supported_isas() -> int", &supported_isas);

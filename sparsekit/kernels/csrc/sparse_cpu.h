@@ -37,6 +37,9 @@ struct Args {
     int64_t R = 0, K = 0;
     const float *x = nullptr;       // [B, ldx] fp32, zero-padded
     const uint16_t *xbf = nullptr;  // the same as bf16 (the AVX-512 bf16 dot-product path)
+    const int8_t *xq = nullptr;     // x quantized to int8 per batch row (x_int8: the VNNI path) [B, ldx]
+    const float *xscale = nullptr;  // [B]: x ~ xscale[b] * xq[b]
+    const int32_t *xsum = nullptr;  // [B, groups]: sum of xq over each group of columns
     int64_t B = 0, ldx = 0;
     const float *xt = nullptr;      // AVX2 batched layouts (see the kernels)
     int64_t nbp = 0, b0 = 0, nb = 0;
@@ -55,6 +58,8 @@ bool quant_vector_ok(const Args &a, int lanes);
 // Row kernels for a range of output rows [r0, r1). Each validates its rows (mask popcount against the row
 // length, CSR indices against K) before reading values and records a bad row instead of reading past them.
 RowsFn bitmask_rows(Isa isa, const Args &a);
+// int8 x (a.xq) against int8/int4 values with vpdpbusd (AVX-512 VNNI); null when not available for a.
+RowsFn vnni_rows(Isa isa, const Args &a);
 RowsFn csr_rows(Isa isa, const Args &a);
 RowsFn to_dense_rows(Isa isa, const Args &a);
 double read_sum(const float *p, int64_t n, Isa isa);
