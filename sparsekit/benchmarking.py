@@ -413,13 +413,14 @@ def bench_linear(shapes=((4096, 4096), (11008, 4096)), patterns=PATTERNS, batche
                  repeats: int = 10, values_dtype: torch.dtype = torch.bfloat16, torch_csr: bool = True,
                  seed: int = 0, progress: bool = True, rotate_bytes: int | None = None,
                  probe_bytes: int = 256 << 20, timer: str = "wall", baselines: bool = True,
-                 quantized: bool = True, group_size: int | None = 128) -> dict:
+                 quantized: bool = True, group_size: int | None = 128, fallbacks: bool = False) -> dict:
     """Time every kernel for each (shape, pattern, batch); returns ``{"machine", "rows", ...}``.
 
     A row: ``shape``, ``pattern``, ``sparsity``, ``batch``, ``kernel``, ``format``, ``dtype``, ``nbytes``,
     ``min_ms``, ``median_ms``, ``bandwidth_GBps`` (read probe in the same rounds), ``limit_ms``
     (``nbytes / bandwidth``), ``frac_of_limit`` and ``speedup_vs_fp32`` / ``_bf16`` / ``_best_dense``
-    (ratios of minimum times). ``baselines``, ``quantized``, ``group_size`` as in :func:`linear_candidates`.
+    (ratios of minimum times). ``baselines``, ``quantized``, ``group_size`` as in :func:`linear_candidates`;
+    ``fallbacks`` adds :func:`fallback_candidates` (what ``SparseLinear`` runs without a kernel).
     ``rotate_bytes`` (default 3x the last-level cache) is the size the copies
     of each weight add up to; ``probe_bytes`` the size of the read-bandwidth probe; ``timer`` as in
     :func:`interleaved_times`.
@@ -436,6 +437,8 @@ def bench_linear(shapes=((4096, 4096), (11008, 4096)), patterns=PATTERNS, batche
         Wp = prune_weight(W, pattern)
         candidates = linear_candidates(Wp, pattern, rotate_bytes, values_dtype, torch_csr, baselines,
                                        quantized, group_size)
+        if fallbacks:
+            candidates.update(fallback_candidates(candidates, (out_features, in_features)))
         labels = {"shape": f"{out_features}x{in_features}", "pattern": pattern,
                   "sparsity": round(float((Wp == 0).sum()) / Wp.numel(), 4)}
         del W, Wp
@@ -684,18 +687,45 @@ CALIBRATION_KERNELS = {"expand": "sparsekit bitmask", "expand-int8": "sparsekit 
                        "expand-int4": "sparsekit bitmask int4", "csr": "sparsekit csr"}
 
 
+def fallback_candidates(candidates: dict[str, Candidate], shape) -> dict[str, Candidate]:
+    """What ``SparseLinear`` runs when it does not take a kernel: decompress (dequantize) the stored weight,
+    then dense ``F.linear`` in x's dtype. One per calibrated kernel, named ``"<kernel> fallback"``."""
+    cols = shape[1]
+
+    def bitmask(x, w):
+        dense = OPS.bitmask_to_dense(w.bitmask, w.values, w.row_offsets, cols)
+        return F.linear(x, dense.to(x.dtype))
+
+    def quant(x, p):
+        t = p.tensors
+        dense = reference.bitmask_dense(t["bitmask"], t["values"], t["row_offsets"], cols, t["scales"],
+                                        p.group_size)
+        return F.linear(x, dense.to(x.dtype))
+
+    def csr(x, w):
+        return F.linear(x, w.to_dense().to(x.dtype))
+
+    runs = {"sparsekit bitmask": bitmask, "sparsekit bitmask int8": quant, "sparsekit bitmask int4": quant,
+            "sparsekit csr": csr}
+    return {f"{name} fallback": Candidate(c.format, c.nbytes, c.dtype, c.copies, runs[name], c.x_dtype)
+            for name, c in candidates.items() if name in runs}
+
+
 def rules_from_rows(rows: list[dict], kernels: dict[str, str] = CALIBRATION_KERNELS) -> dict:
     """Dispatch rules from benchmark rows: for each kind and measured sparsity, the largest batch up to
-    which the kernel beat the best torch dense path at every measured batch (0 if not even at the first).
-
-    Returns ``{kind: [[sparsity, max_batch], ...]}`` (the format of :mod:`sparsekit.kernels.dispatch`).
-    """
+    which the kernel was faster, at every measured batch, than ``SparseLinear``'s alternative: its dense
+    fallback (the ``"<kernel> fallback"`` rows) when measured, else the best torch dense path (0 if not even
+    at the first batch). Returns ``{kind: [[sparsity, max_batch], ...]}`` (see
+    :mod:`sparsekit.kernels.dispatch`)."""
+    by_key = {(r["kernel"], r["pattern"] if "pattern" in r else r["sparsity"], r["batch"]): r for r in rows}
     speedups: dict[tuple[str, float], dict[int, float]] = {}
-    for row in rows:
-        for kind, name in kernels.items():
-            if row["kernel"] == name:
-                speedups.setdefault((kind, round(row["sparsity"], 2)), {})[row["batch"]] = \
-                    row["speedup_vs_best_dense"]
+    for (name, pattern, batch), row in by_key.items():
+        for kind, kernel in kernels.items():
+            if name != kernel:
+                continue
+            fallback = by_key.get((f"{kernel} fallback", pattern, batch))
+            speedup = (fallback["min_ms"] / row["min_ms"]) if fallback else row["speedup_vs_best_dense"]
+            speedups.setdefault((kind, round(row["sparsity"], 2)), {})[batch] = speedup
     rules: dict[str, list] = {}
     for (kind, sparsity), by_batch in sorted(speedups.items()):
         limit = 0
@@ -709,11 +739,13 @@ def rules_from_rows(rows: list[dict], kernels: dict[str, str] = CALIBRATION_KERN
 
 def calibrate(shape=(4096, 4096), patterns=("50%", "70%", "90%"), batches=(1, 2, 4, 8, 16, 32),
               repeats: int = 5, path=None, progress: bool = True, **bench_kwargs) -> dict:
-    """Time the sparse kernels against torch dense on this machine, derive the dispatch rules
-    (:func:`rules_from_rows`), write them with the machine's key to ``path`` (default
-    :func:`sparsekit.kernels.dispatch.calibration_path`) and make ``SparseLinear`` use them."""
+    """Time the sparse kernels against ``SparseLinear``'s dense fallback (decompress + ``F.linear``) and
+    torch dense on this machine, derive the dispatch rules (:func:`rules_from_rows`), write them with the
+    machine's key to ``path`` (default :func:`sparsekit.kernels.dispatch.calibration_path`) and make
+    ``SparseLinear`` use them."""
     result = bench_linear(shapes=[tuple(shape)], patterns=patterns, batches=batches, repeats=repeats,
-                          torch_csr=False, baselines=False, quantized=True, progress=progress, **bench_kwargs)
+                          torch_csr=False, baselines=False, quantized=True, progress=progress, fallbacks=True,
+                          **bench_kwargs)
     data = {"machine_key": dispatch.machine_key(), "machine": result["machine"],
             "rules": rules_from_rows(result["rows"]), "shape": list(shape), "repeats": repeats,
             "rows": result["rows"]}

@@ -142,3 +142,21 @@ def test_quantized_parts_follow_the_spec_and_a_tiny_bench_runs_labelled(tmp_path
             "sparsekit bitmask int8", "sparsekit nm int4"} <= kernels
     path = bench.write_json(result, tmp_path / "out.json")
     assert json.loads(path.read_text())["machine"]["cpu"] == machine["cpu"]
+
+
+def test_rules_prefer_the_measured_fallback_and_tolerate_a_hair_under_the_sparsity():
+    rows = []
+    measured = [(1, 1.0, 9.0, 2.0), (8, 4.0, 9.0, 0.5), (64, 20.0, 10.0, 0.1)]
+    for batch, kernel_ms, fallback_ms, dense_speedup in measured:
+        rows.append({"kernel": "sparsekit bitmask", "pattern": "90%", "sparsity": 0.8999, "batch": batch,
+                     "min_ms": kernel_ms, "speedup_vs_best_dense": dense_speedup})
+        rows.append({"kernel": "sparsekit bitmask fallback", "pattern": "90%", "sparsity": 0.8999,
+                     "batch": batch, "min_ms": fallback_ms, "speedup_vs_best_dense": 0.1})
+    rules = bench.rules_from_rows(rows)
+    assert rules == {"expand": [[0.9, 8]]}  # beats the fallback up to 8, though torch dense wins at 8
+    dispatch._RULES.clear()
+    dispatch._RULES.update(dispatch.check_rules(rules))
+    try:
+        assert dispatch.max_batch("expand", 0.8999) == 8 and dispatch.max_batch("expand", 0.8) == 0
+    finally:
+        dispatch.reload_rules()
