@@ -270,11 +270,59 @@ def run_book(args) -> int:
     return book_main(args.book_args)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibrate", action="store_true",
+                        help="time the sparse kernels against torch dense on this machine and write the "
+                        "dispatch rules SparseLinear uses ($SPARSEKIT_CACHE/kernels/calibration.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the JSON goes (default: the calibration file, or build/bench_goals.json)")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the thread's CPU time on one thread (robust on a shared machine)")
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from sparsekit import benchmarking
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.timer == "cpu":
+        if args.threads not in (None, 1):
+            raise ValueError(f"--timer cpu measures one thread; got --threads {args.threads}")
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.calibrate:
+        data = benchmarking.calibrate(repeats=args.repeats, path=args.out, timer=args.timer)
+        print(json.dumps(data["rules"], indent=1))
+        return 0
+    result = benchmarking.bench_linear(shapes=[(11008, 4096)], patterns=("70%", "2:4", "90%"), batches=(1,),
+                                       repeats=args.repeats, timer=args.timer)
+    goals = benchmarking.goal_table(result)
+    result["goals"] = goals
+    path = benchmarking.write_json(result, args.out or Path("build/bench_goals.json"))
+    for goal in goals:
+        mark = "met " if goal["met"] else "MISS"
+        print(f"{mark} {goal['measured']:6.2f}  {goal['goal']} ({goal['kernel']})")
+    print(f"machine: {result['machine']['cpu']}, path {result['machine']['isa_path']}, "
+          f"{torch.get_num_threads()} threads; written to {path}")
+    return 0
+
+
 # name -> (help, add_arguments, run)
 COMMANDS = {
     "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
               _add_prune_arguments, run_prune),
     "book": ("run the book's notebooks (and build the book)", _add_book_arguments, run_book),
+    "bench": ("time the CPU kernels against torch dense (the goal table), or --calibrate the dispatch",
+              _add_bench_arguments, run_bench),
 }
 
 
