@@ -9,7 +9,7 @@ APT_PACKAGES := $(shell cat binder/apt.txt)
 SCALE ?= book
 export PYTHONHASHSEED := 0
 
-.PHONY: setup apt test lint unit notebooks smoke-book book teachers bench lab clean
+.PHONY: setup apt test lint unit notebooks smoke-book book book-check teachers bench calibrate peer lab clean
 
 setup: $(STAMP) apt
 
@@ -54,10 +54,27 @@ teachers: setup
 book: setup
 	$(PY) -m sparsekit.book --scale $(SCALE) --stage . --build
 
+# the built book in headless Chromium (Debian's chromium + chromium-driver): images, math, links, no
+# error output; full-page screenshots in book/_build/screens/
+book-check: setup
+	$(PY) -m sparsekit.book_check book/_build/html
+
 bench: setup
 	$(PY) kernels/bench_prune.py
 	$(PY) kernels/bench_linear.py --json build/bench_linear.json
 	$(PY) kernels/bench_decode.py --json build/bench_decode.json
+
+# DeepSparse (the paper's CPU runtime) against sparsekit on the same pruned MLP. DeepSparse needs numpy < 2,
+# so it lives in its own virtualenv, never in .venv.
+PEER_VENV := .venv-peer
+peer: setup
+	@test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet "deepsparse==1.8.0" "numpy==1.26.4" "onnx==1.14.1"
+	$(PY) kernels/bench_peer.py --peer-python $(PEER_VENV)/bin/python --json build/bench_peer.json
+
+# SparseLinear's CPU dispatch rules for this machine ($SPARSEKIT_CACHE/kernels/calibration.json)
+calibrate: setup
+	$(VENV)/bin/sparsekit bench --calibrate
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

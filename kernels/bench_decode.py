@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparsekit.kernels.bench import bench_decode, machine_info  # noqa: E402
+from sparsekit.benchmarking import bench_decode, machine_info  # noqa: E402
 
 
 def teacher_rows(new_tokens: int, repeats: int) -> list[dict]:
@@ -32,7 +32,7 @@ def teacher_rows(new_tokens: int, repeats: int) -> list[dict]:
     except ImportError:
         print("sparsekit.tasks is not available: teacher rows skipped")
         return []
-    from sparsekit.kernels.bench import teacher_decode
+    from sparsekit.benchmarking import teacher_decode
 
     rows = []
     for name in ("translation", "speech", "math"):

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparsekit.kernels.bench import PATTERNS, bench_linear, machine_info  # noqa: E402
+from sparsekit.benchmarking import PATTERNS, bench_linear, machine_info  # noqa: E402
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -1,8 +1,10 @@
 """sparsekit: sparse fine-tuning for inference acceleration of LLMs, reproduced at laptop scale.
 
-Subpackages: ``prune`` (magnitude, Wanda, SparseGPT), ``distill`` (CE, KD, SquareHead, trainer),
-``quant`` (RTN, GPTQ), ``formats`` (compressed weights), ``kernels`` (CPU and Triton), ``tasks``
-(the three embedded tasks). See DESIGN.md for the public API.
+Subpackages: ``prune`` (magnitude, Wanda, SparseGPT), ``formats`` (compressed sparse weights),
+``kernels`` (C CPU kernels and ``SparseLinear``), ``tasks`` (the three embedded tasks and their
+teachers). Modules: ``masks``, ``blocks``, ``patterns``, ``book`` (runs and builds the book),
+``book_check`` (checks the built book in a browser), ``cli`` (the ``sparsekit`` command).
+Sparse fine-tuning (``distill``), quantization (``quant``) and GPU kernels are planned (README, Roadmap).
 """
 
 __version__ = "0.1.0"

@@ -3,13 +3,16 @@
 ``sparsekit prune MODEL [--calib SOURCE] --out DIR [--method M] [--sparsity S | --nm N:M]`` prunes a
 Hugging Face model (a local path, or a hub id when online) one shot, saves it with ``save_pretrained``
 (safetensors) and prints the sparsity report; ``--calib`` is needed by every method but magnitude.
-Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unusable (``HessianError``).
-``sparsekit finetune STUDENT --teacher DIR (--task T | --data FILE) --out DIR (--steps N | --epochs E)``
-fine-tunes a pruned model with its mask kept (loss mix, optional LoRA) and writes it (safetensors) with
-``metrics.json``. ``sparsekit book ...`` runs the book driver (:mod:`sparsekit.book`).
+``--bits 8|4 [--group-size G] [--quant-method gptq|rtn]`` also quantizes every pruned layer (jointly
+inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized_weights.safetensors``
+(``load_sparse``). Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unusable
+(``HessianError``). ``sparsekit finetune STUDENT --teacher DIR (--task T | --data FILE) --out DIR
+(--steps N | --epochs E)`` fine-tunes a pruned model with its mask kept (loss mix, optional LoRA) and
+writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the book driver
+(:mod:`sparsekit.book`).
 
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
-``bench`` (kernel benchmarks) is added there by its issue.
+a new subcommand is one more entry there.
 """
 
 from __future__ import annotations
@@ -80,6 +83,36 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scale of a task's calibration data (default: the task's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quant_arguments(parser)
+
+
+def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    quant = parser.add_argument_group("quantization (symmetric, of the pruned layers)")
+    quant.add_argument("--bits", type=int, choices=(8, 4), default=None,
+                       help="quantize to int8 or int4 (default: no quantization)")
+    quant.add_argument("--group-size", type=int, default=None, metavar="G",
+                       help="inputs per scale (default: one scale per output row)")
+    quant.add_argument("--quant-method", default="gptq", choices=("gptq", "rtn"),
+                       help="gptq (joint with sparsegpt) or round-to-nearest (default gptq)")
+
+
+def _quant_config(args):
+    if args.bits is None:
+        if args.group_size is not None:
+            raise ValueError(f"--group-size {args.group_size} needs --bits 8 or --bits 4")
+        return None
+    from sparsekit.quant import QuantConfig
+
+    return QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
+
+
+def _save_quantized(report, nm, path: Path) -> Path:
+    """The quantized layers of a report, compressed (N:M when pruned N:M, else bitmask), to ``path``."""
+    from sparsekit.formats import save_sparse
+
+    weights = {f"{row.layer}.weight": row.quantized.compress("nm" if nm else "bitmask", nm=nm)
+               for row in report.itertuples()}
+    return save_sparse(path, weights)
 
 
 def _read_text(path: Path, field: str = "text") -> str:
@@ -193,14 +226,18 @@ def run_prune(args) -> int:
     model = _load_model(args.model)
     if args.device:
         model.to(args.device)
+    quant = _quant_config(args)
     batches, tokenizer = _calibration(args, model) if args.calib is not None else (None, None)
     if tokenizer is None and args.calib is None:
         tokenizer = _saved_tokenizer(args.tokenizer or args.model)
     options = {"sparsegpt": {"blocksize": args.blocksize, "percdamp": args.percdamp},
                "magnitude": {"scope": args.magnitude_scope}}.get(args.method, {})
     report = prune_model(model, batches, args.method, args.sparsity, nm=args.nm, targets=args.targets,
-                         progress=not args.quiet, **options)
+                         quant=quant, progress=not args.quiet, **options)
     args.out.mkdir(parents=True, exist_ok=True)
+    if quant is not None:
+        saved = _save_quantized(report, args.nm, args.out / "quantized_weights.safetensors")
+        report = report.drop(columns="quantized")
     model.save_pretrained(args.out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
@@ -211,10 +248,13 @@ def run_prune(args) -> int:
         "options": {k: v for k, v in options.items() if k != "quantizer"},
         "sparsity": None if args.nm else args.sparsity, "nm": list(args.nm) if args.nm else None,
         "overall_sparsity": float(overall["sparsity"]), "layers": report.to_dict(orient="records"),
+        "quant": quant.to_dict() if quant is not None else None,
     }, indent=2, default=list))
     print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"overall sparsity of the pruned layers: {overall['sparsity']:.4f} "
           f"({int(overall['zeros'])} of {int(overall['params'])} weights are zero)")
+    if quant is not None:
+        print(f"quantized ({quant.label}) weights: {saved}")
     print(f"saved to {args.out}")
     return 0
 
@@ -340,13 +380,61 @@ def run_book(args) -> int:
     return book_main(args.book_args)
 
 
-# name -> (help, add_arguments, run). The bench command is added here by its issue.
+# ---------------------------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibrate", action="store_true",
+                        help="time the sparse kernels against torch dense on this machine and write the "
+                        "dispatch rules SparseLinear uses ($SPARSEKIT_CACHE/kernels/calibration.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the JSON goes (default: the calibration file, or build/bench_goals.json)")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the thread's CPU time on one thread (robust on a shared machine)")
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from sparsekit import benchmarking
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.timer == "cpu":
+        if args.threads not in (None, 1):
+            raise ValueError(f"--timer cpu measures one thread; got --threads {args.threads}")
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.calibrate:
+        data = benchmarking.calibrate(repeats=args.repeats, path=args.out, timer=args.timer)
+        print(json.dumps(data["rules"], indent=1))
+        return 0
+    result = benchmarking.bench_linear(shapes=[(11008, 4096)], patterns=("70%", "2:4", "90%"), batches=(1,),
+                                       repeats=args.repeats, timer=args.timer)
+    goals = benchmarking.goal_table(result)
+    result["goals"] = goals
+    path = benchmarking.write_json(result, args.out or Path("build/bench_goals.json"))
+    for goal in goals:
+        mark = "met " if goal["met"] else "MISS"
+        print(f"{mark} {goal['measured']:6.2f}  {goal['goal']} ({goal['kernel']})")
+    print(f"machine: {result['machine']['cpu']}, path {result['machine']['isa_path']}, "
+          f"{torch.get_num_threads()} threads; written to {path}")
+    return 0
+
+
+# name -> (help, add_arguments, run)
 COMMANDS = {
     "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
               _add_prune_arguments, run_prune),
     "finetune": ("sparse fine-tuning of a pruned model (CE, KD, SquareHead; optional LoRA), masks kept",
                  _add_finetune_arguments, run_finetune),
     "book": ("run the book's notebooks (and build the book)", _add_book_arguments, run_book),
+    "bench": ("time the CPU kernels against torch dense (the goal table), or --calibrate the dispatch",
+              _add_bench_arguments, run_bench),
 }
 
 

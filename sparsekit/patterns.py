@@ -8,6 +8,10 @@ Used by the first chapter of the book. The byte counts are the analytic sizes of
   an int64 pointer per row;
 * bitmask: ``nnz·b + r·⌈c/8⌉ + 8·(r + 1)`` (values, one bit per weight, an int64 offset per row);
 * N:M: ``nnz·b + r·⌈c/8⌉`` (values, and each group's occupancy as ``m`` bits; row offsets are implied).
+
+Quantized values (``bits`` = 8 or 4, with ``group_size``): ``b = bits/8`` (int4 rounded up to whole bytes:
+``⌈nnz/2⌉`` for the bitmask's flat stream, ``r·⌈(c·n/m)/2⌉`` for N:M rows, ``r·⌈c/2⌉`` dense) plus float16
+scales ``2·r·c/group_size``; CSR has no quantized form.
 """
 
 from __future__ import annotations
@@ -49,13 +53,18 @@ def error_against_sparsity(W: torch.Tensor, X: torch.Tensor, sparsities, nms, pr
 
 
 def storage_bytes(rows: int, cols: int, sparsity: float, fmt: str, value_bytes: float = 2,
-                  index_bytes: int = 2, nm=None) -> float:
+                  index_bytes: int = 2, nm=None, bits: int | None = None,
+                  group_size: int | None = None) -> float:
     """Bytes a ``[rows, cols]`` weight with the given ``sparsity`` needs in format ``fmt``.
 
     ``fmt`` is one of :data:`FORMATS`; ``nm`` is required for ``"nm"`` (and fixes the sparsity).
+    ``bits`` (8 or 4) stores quantized values with float16 scales per ``group_size`` inputs (default
+    per-channel) instead of ``value_bytes`` per value.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if bits is not None:
+        return _quantized_bytes(rows, cols, sparsity, fmt, nm, bits, group_size)
     if fmt == "nm":
         if nm is None:
             raise ValueError("fmt='nm' needs nm=(n, m)")
@@ -70,3 +79,22 @@ def storage_bytes(rows: int, cols: int, sparsity: float, fmt: str, value_bytes: 
     if fmt == "bitmask":
         return nnz * value_bytes + rows * math.ceil(cols / 8) + 8 * (rows + 1)
     return nnz * value_bytes + rows * math.ceil(cols / 8)
+
+
+def _quantized_bytes(rows, cols, sparsity, fmt, nm, bits, group_size) -> int:
+    from sparsekit.quant.grid import check_bits, check_group_size
+
+    bits, group_size = check_bits(bits), check_group_size(group_size, cols)
+    if fmt == "csr":
+        raise ValueError("fmt='csr' has no quantized values; use 'bitmask', 'nm' or 'dense' with bits")
+    scales = 2 * rows * (cols // group_size)
+    if fmt == "dense":
+        return rows * math.ceil(cols * bits / 8) + scales
+    if fmt == "nm":
+        if nm is None:
+            raise ValueError("fmt='nm' needs nm=(n, m)")
+        n, m = validate_nm(nm, cols)
+        return rows * math.ceil(cols * n // m * bits / 8) + rows * math.ceil(cols / 8) + scales
+    validate_sparsity(sparsity)
+    nnz = round((1 - sparsity) * rows * cols)
+    return math.ceil(nnz * bits / 8) + rows * math.ceil(cols / 8) + 8 * (rows + 1) + scales

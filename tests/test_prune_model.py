@@ -243,7 +243,7 @@ def test_deterministic_and_restores_mode_and_cache_setting():
         ({"calib_batches": [torch.ones(1, 4)]}, TypeError, r"calib_batches\[0\]"),
         ({"targets": ["lm_head"]}, ValueError, "outside the transformer blocks"),
         ({"targets": ["nothing"]}, ValueError, "matches no nn.Linear"),
-        ({"quant": "int8"}, ValueError, "quant='int8'.*joint sparsity"),
+        ({"quant": "int8"}, TypeError, "quant must be None, a QuantConfig or a dict"),
         ({"nm": (2, 4), "blocksize": 6}, ValueError, "blocksize must be a multiple of m=4"),
         ({"blocksize": 0}, ValueError, "blocksize must be a positive int"),
         ({"blocksize": 64.0}, TypeError, "blocksize must be a positive int"),

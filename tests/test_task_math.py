@@ -94,7 +94,7 @@ def test_real_path_loads_a_saved_model_by_path(task, tmp_path):
         assert torch.equal(a, b), name
     tok = task.real.load_tokenizer(str(tmp_path))
     assert tok("#### 12")["input_ids"] == task.tokenizer("smoke")("#### 12")["input_ids"]
-    assert task.real.model_id == "mosaicml/mpt-7b" and task.real.dataset_id == "openai/gsm8k"
+    assert task.real.model_id == "neuralmagic/mpt-7b-gsm8k-pt" and task.real.dataset_id == "openai/gsm8k"
 
 
 def test_bad_split_and_calibration_size(task):

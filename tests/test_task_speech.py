@@ -1,5 +1,6 @@
 """The speech task at smoke scale: synthesis, features, splits, tokenizer, metrics, real path, teacher."""
 
+import dataclasses
 import shutil
 
 import jiwer
@@ -7,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekit.tasks import audio
-from sparsekit.tasks.speech import HINDI_NUMBERS, SPECS, SpeechTask, cer, voice_split, wer
+from sparsekit.tasks import audio, speech
+from sparsekit.tasks.speech import (
+    HINDI_NUMBERS,
+    SPECS,
+    VOICE_VARIANTS,
+    SpeechTask,
+    cer,
+    voice_distances,
+    voice_split,
+    wer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +146,7 @@ def test_real_path_loads_a_saved_tiny_whisper_by_path(task, tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, loaded(**batch).logits)
-    assert task.real.model_id == "openai/whisper-small" and task.real.dataset_config == "hi"
+    assert task.real.model_id == "sanchit-gandhi/whisper-small-hi" and task.real.dataset_config == "hi"
 
 
 def test_smoke_teacher_trains_is_cached_and_evaluates(task):
@@ -198,3 +208,77 @@ def test_teacher_key_and_feature_cache_follow_the_data_spec(task, monkeypatch):
     monkeypatch.setitem(speech.SPECS, "smoke", changed)
     other = SpeechTask()
     assert other.data_key("smoke") != data_key and other.teacher_key("smoke") != key
+
+
+# ---- held-out voices: distinct by features, disjoint by (text, voice) ---------------------------
+def test_voice_distances_are_a_symmetric_metric_table():
+    dist = voice_distances()
+    assert dist.shape == (len(VOICE_VARIANTS), len(VOICE_VARIANTS))
+    assert np.allclose(dist, dist.T) and np.all(np.diag(dist) == 0) and np.all(dist >= 0)
+    index = {v: i for i, v in enumerate(VOICE_VARIANTS)}
+    assert dist[index["klatt4"], index["klatt5"]] < 0.1 < np.median(dist)  # near-identical vs typical
+
+
+def test_voice_split_drops_duplicates_and_voices_near_held_out_ones():
+    names = ("a", "b", "c", "d", "e")
+    dist = np.array(
+        [[0, 0, 0.5, 0.05, 0.5], [0, 0, 0.5, 0.05, 0.5], [0.5, 0.5, 0, 0.5, 0.5],
+         [0.05, 0.05, 0.5, 0, 0.5], [0.5, 0.5, 0.5, 0.5, 0]]
+    )
+    spec = dataclasses.replace(SPECS["smoke"], held_out={"validation": 1, "test": 1}, voice_distance=0.1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speech, "VOICE_VARIANTS", names)
+        split = voice_split(spec, dist)
+        assert split["duplicate"] == ("b",)
+        held = set(split["test"]) | set(split["validation"])
+        assert len(held) == 2 and not held & set(split["train"])
+        for h in held:
+            for t in split["train"]:
+                assert dist[names.index(h), names.index(t)] >= 0.1
+        if "a" in held or "d" in held:  # the near pair is never split between held-out and train
+            assert not {"a", "d"} & set(split["train"])
+        with pytest.raises(ValueError, match="voice_distance"):
+            voice_split(dataclasses.replace(spec, held_out={"validation": 2, "test": 2}), dist)
+
+
+@pytest.mark.parametrize("scale", ["smoke", "book"])
+def test_held_out_splits_are_disjoint_by_text_and_voice_and_distant(scale):
+    task = SpeechTask()
+    spec = SPECS[scale]
+    split = voice_split(spec)
+    dist, index = voice_distances(), {v: i for i, v in enumerate(VOICE_VARIANTS)}
+    for held in ("validation", "test"):
+        voices = {r["variant"] for r in task.rows(held, scale)}
+        assert voices <= set(split[held])
+        for v in split[held]:
+            for t in split["train"]:
+                assert dist[index[v], index[t]] >= spec.voice_distance, (v, t)
+        pairs = {(r["text"], r["variant"]) for r in task.rows(held, scale)}
+        for other in ("train", "calibration", *({"validation", "test"} - {held})):
+            assert not pairs & {(r["text"], r["variant"]) for r in task.rows(other, scale)}, (held, other)
+    for s in ("train", "calibration"):
+        assert {r["variant"] for r in task.rows(s, scale)} <= set(split["train"])
+    assert not set(split["duplicate"]) & {r["variant"] for s in task.splits for r in task.rows(s, scale)}
+
+
+def test_transcripts_score_perfectly_on_every_split(task):
+    tok = task.tokenizer("smoke")
+    for split in task.splits:
+        refs = [r["text"] for r in task.rows(split, "smoke")]
+        decoded = [tok.decode(tok(r, add_special_tokens=False)["input_ids"]) for r in refs]
+        assert wer(refs, refs) == 0.0 and cer(refs, refs) == 0.0, split
+        assert wer(refs, decoded) == 0.0, split
+
+
+def test_per_voice_wer_matches_the_overall_wer(task):
+    model = task.teacher("smoke", progress=False)
+    table = task.per_voice(model, "test", "smoke")
+    rows = task.rows("test", "smoke")
+    assert {r["voice"] for r in table} == {r["variant"] for r in rows}
+    assert sum(r["n"] for r in table) == len(rows)
+    hyps = task.transcribe(model, rows, "smoke")
+    for entry in table:
+        picked = [i for i, r in enumerate(rows) if r["variant"] == entry["voice"]]
+        refs, said = [rows[i]["text"] for i in picked], [hyps[i] for i in picked]
+        assert entry["wer"] == pytest.approx(wer(refs, said))
+        assert entry["distance"] >= SPECS["smoke"].voice_distance

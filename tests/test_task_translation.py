@@ -116,12 +116,6 @@ def test_metrics_agree_with_sacrebleu():
     assert detokenize("der Hund , weil er schläft .") == "der Hund, weil er schläft."
 
 
-def test_baseline_copies_the_source(task):
-    rows = task.rows("test", "smoke")
-    expected = sacrebleu.corpus_bleu([r["source"] for r in rows], [[r["target"] for r in rows]]).score
-    assert task.baseline("test", "smoke")["bleu"] == pytest.approx(expected)
-
-
 def test_evaluate_smoke_teacher(task):
     model = task.teacher("smoke", progress=False)
     result = task.evaluate(model, "test", limit=10, scale="smoke")
@@ -143,3 +137,89 @@ def test_real_path_loads_a_saved_model_by_path(task, tmp_path):
     assert task.real.model_id == "google-t5/t5-small" and task.real.dataset_config == "de-en"
     row = task.real.row_fn({"translation": {"en": "a dog.", "de": "ein Hund."}})
     assert row == {"source": "a dog.", "target": "ein Hund."}
+
+
+# ---- caches keyed by content --------------------------------------------------------------------
+def test_changing_a_split_size_misses_the_teacher_and_tokenizer_caches(tmp_path, monkeypatch):
+    from sparsekit.tasks import translation
+
+    monkeypatch.setenv("SPARSEKIT_CACHE", str(tmp_path))
+    before = TranslationTask()
+    before.teacher("smoke", progress=False)
+    tokenizer_path, teacher_path = before.tokenizer_path("smoke"), before.teacher_path("smoke")
+    assert (tokenizer_path / "tokenizer.json").exists() and (teacher_path / "meta.json").exists()
+    sizes = {**translation.SIZES["smoke"], "train": translation.SIZES["smoke"]["train"] - 100}
+    monkeypatch.setitem(translation.SIZES, "smoke", sizes)
+    after = TranslationTask()
+    assert after.data_key("smoke") != before.data_key("smoke")
+    assert after.tokenizer_path("smoke") != tokenizer_path
+    assert after.teacher_path("smoke") != teacher_path
+    assert not (after.teacher_path("smoke") / "meta.json").exists()
+    after.tokenizer("smoke")
+    assert (after.tokenizer_path("smoke") / "tokenizer.json").exists()  # a new tokenizer was trained
+
+
+def test_data_key_follows_the_generators(monkeypatch):
+    task = TranslationTask()
+    key = task.data_key("smoke")
+    assert TranslationTask().data_key("smoke") == key
+    other = TranslationTask()
+    monkeypatch.setattr(other, "generators", lambda scale="book": {"ding_sha256": "changed"})
+    assert other.data_key("smoke") != key
+    assert set(task.generators("smoke")) >= {"data_version", "grammar", "ding_sha256"}
+
+
+def test_a_cached_teacher_brings_its_own_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CACHE", str(tmp_path))
+    TranslationTask().teacher("smoke", progress=False)
+    task = TranslationTask()
+    saved = task.teacher_path("smoke") / "tokenizer"
+    assert task.tokenizer("smoke").name_or_path != str(saved)  # the data folder's copy
+    task.teacher("smoke", progress=False)
+    assert task.tokenizer("smoke").name_or_path == str(saved)  # now the one saved beside the teacher
+    assert task.tokenizer("smoke").get_vocab() == TranslationTask().tokenizer("smoke").get_vocab()
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+def test_gloss_is_word_for_word_from_the_lexicon(task):
+    assert task.gloss("the dog sees a cat.", "smoke") == "die Hund sieht ein Katze."
+    assert task.gloss("the man says that the dogs open the door.", "smoke") == (
+        "die Mann sagt, dass die Hunde aufmachen die Tür."
+    )
+    assert task.gloss("the teacher looks for the zebra.", "smoke") == "die Lehrer sucht die zebra."
+
+
+def test_baseline_reports_copy_source_and_gloss_and_picks_the_stronger_on_validation(task):
+    rows = task.rows("test", "smoke")
+    refs = [[r["target"] for r in rows]]
+    base = task.baseline("test", "smoke")
+    copy = sacrebleu.corpus_bleu([r["source"] for r in rows], refs).score
+    gloss = sacrebleu.corpus_bleu([task.gloss(r["source"], "smoke") for r in rows], refs).score
+    assert base["baselines"]["copy source"]["bleu"] == pytest.approx(copy)
+    assert base["baselines"]["word-for-word gloss"]["bleu"] == pytest.approx(gloss)
+    validation = task.baselines("validation", "smoke")
+    best = max(validation, key=lambda name: validation[name]["bleu"])
+    assert base["baseline"] == best == "word-for-word gloss"
+    assert base["bleu"] == pytest.approx(gloss) and gloss > 10 * copy
+
+
+# ---- disjointness and the metric on references --------------------------------------------------
+@pytest.mark.parametrize("scale", ["smoke", "book"])
+def test_splits_are_disjoint_by_source_sentence(scale):
+    task = TranslationTask()
+    sources = {s: [r["source"] for r in task.rows(s, scale)] for s in task.splits}
+    for split, rows in sources.items():
+        assert len(rows) == len(set(rows)), split
+    for a in task.splits:
+        for b in task.splits:
+            if a < b:
+                assert not set(sources[a]) & set(sources[b]), (scale, a, b)
+
+
+def test_references_score_perfectly_on_every_split(task):
+    tok = task.tokenizer("smoke")
+    for split in task.splits:
+        refs = [r["target"] for r in task.rows(split, "smoke")]
+        assert bleu(refs, refs) == pytest.approx(100.0) and chrf(refs, refs) == pytest.approx(100.0), split
+    refs = [r["target"] for r in task.rows("train", "smoke")]  # other splits may hold unseen words
+    assert bleu([task.decode(tok(r)["input_ids"], "smoke") for r in refs], refs) == pytest.approx(100.0)

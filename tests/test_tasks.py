@@ -29,7 +29,8 @@ def test_cache_dir_follows_env(tmp_path, monkeypatch):
 
 
 def test_cache_key_changes_with_every_component():
-    base = dict(task="t", scale="smoke", model_config={"d": 1}, train_config={"lr": 1.0}, data_version="1")
+    base = dict(task="t", scale="smoke", model_config={"d": 1}, train_config={"lr": 1.0}, data_version="1",
+                data_key="abc")
     key = cache.cache_key(**base)
     assert key == cache.cache_key(**base)
     for field, value in [
@@ -38,6 +39,7 @@ def test_cache_key_changes_with_every_component():
         ("model_config", {"d": 2}),
         ("train_config", {"lr": 2.0}),
         ("data_version", "2"),
+        ("data_key", "abd"),
     ]:
         assert cache.cache_key(**{**base, field: value}) != key
 
@@ -126,3 +128,64 @@ def test_train_batches_are_seeded_and_bucketed():
     assert not torch.equal(first["input_ids"][:, :8], other["input_ids"][:, :8])
     with pytest.raises(ValueError, match="batch_size"):
         next(task.train_batches(0, "smoke"))
+
+
+# ---- evaluate(limit=...) is validated once, in the base class, for every task ---------------------
+@pytest.mark.parametrize("name", ["translation", "speech", "math"])
+@pytest.mark.parametrize(
+    "limit, error", [(0, ValueError), (-1, ValueError), (True, TypeError), (2.0, TypeError), ("3", TypeError)]
+)
+def test_evaluate_rejects_bad_limit_in_every_task(name, limit, error):
+    task = tasks.get(name)
+    with pytest.raises(error, match="limit"):
+        task.evaluate(None, "test", limit=limit, scale="smoke")  # rejected before the model is touched
+    with pytest.raises(error, match="limit"):
+        task.evaluate(None, "test", limit, "smoke")  # positional too
+
+
+def test_check_limit_accepts_none_and_positive_ints():
+    assert base.check_limit(None) is None and base.check_limit(1) == 1 and base.check_limit(300) == 300
+
+
+def test_code_digest_follows_the_code_not_the_file():
+    def plus_one(x):
+        return x + 1
+
+    def plus_two(x):
+        return x + 2
+
+    def plus_one_again(x):  # same code, another name and line
+
+        return x + 1
+
+    assert base.code_digest(plus_one) == base.code_digest(plus_one_again)
+    assert base.code_digest(plus_one) != base.code_digest(plus_two)
+
+
+def test_tokenizer_key_follows_the_tokenizer_code():
+    from sparsekit.tasks.translation import TranslationTask
+
+    class OtherTokenizer(TranslationTask):
+        def _train_tokenizer(self, scale):
+            return None
+
+    assert OtherTokenizer().data_key("smoke") == TranslationTask().data_key("smoke")
+    assert OtherTokenizer().tokenizer_key("smoke") != TranslationTask().tokenizer_key("smoke")
+
+
+def test_code_digest_is_the_same_in_every_process():
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from sparsekit.tasks.base import code_digest\n"
+        "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\n"
+        "print(code_digest(f))"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(digests) == 1

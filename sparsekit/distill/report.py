@@ -9,15 +9,16 @@ import pandas as pd
 
 from sparsekit.distill.experiment import RecoveryResults, compare_losses, parse_pattern, seed_spread
 
-__all__ = ["plot_recovery", "plot_loss_curves", "plot_data_sweep", "stability_table", "data_sweep_table",
-           "recovery_text", "beats_teacher"]
+__all__ = ["axis_label", "plot_recovery", "plot_loss_curves", "plot_data_sweep", "stability_table",
+           "data_sweep_table", "recovery_text", "beats_teacher"]
 
 METRIC_LABELS = {"bleu": "BLEU", "wer": "WER (%)", "accuracy": "accuracy"}
 
 
-def _metric_label(results: RecoveryResults) -> str:
+def axis_label(results: RecoveryResults, split: str = "test") -> str:
+    """``"test BLEU (higher is better)"`` and the like, for a figure's metric axis."""
     direction = "higher is better" if results.higher_is_better else "lower is better"
-    return f"test {METRIC_LABELS.get(results.metric, results.metric)} ({direction})"
+    return f"{split} {METRIC_LABELS.get(results.metric, results.metric)} ({direction})"
 
 
 def _scale(results: RecoveryResults) -> float:
@@ -58,7 +59,7 @@ def plot_recovery(results: RecoveryResults, ax=None):
     title = f"{results.task}: recovery after sparse fine-tuning"
     ax.set_title(title + (f" (squares: {', '.join(nm)})" if nm else ""))
     ax.set_xlabel("sparsity of the pruned layers (%)")
-    ax.set_ylabel(_metric_label(results))
+    ax.set_ylabel(axis_label(results))
     ax.legend(fontsize=8, loc="best")
     return ax
 
@@ -113,7 +114,7 @@ def plot_data_sweep(results: RecoveryResults, ax=None):
     ax.minorticks_off()
     ax.set_title(f"{results.task}: fine-tuning set size at {results.config.sweep_pattern}")
     ax.set_xlabel("training rows used for fine-tuning (log scale)")
-    ax.set_ylabel(_metric_label(results).replace("test", "validation"))
+    ax.set_ylabel(axis_label(results, "validation"))
     ax.legend(fontsize=8)
     return ax
 

@@ -3,8 +3,8 @@
 A format stores a 2-D weight ``W [rows, cols]`` (``rows`` = out features, ``cols`` = in features) as a
 few tensors ("parts"). ``to_dense()`` is exact: ``from_dense(W).to_dense() == W`` when the values dtype
 is W's dtype, and the kept positions (the mask) survive every conversion. Value dtypes are fp32, bf16 and
-fp16; a quantized format (int8/int4 values plus scales) is another subclass with a ``scales`` part and
-its own ``values_dtypes``, registered the same way for ``save_sparse``/``load_sparse``.
+fp16. The bitmask and N:M formats can also hold int8/int4 codes with group scales (``bits`` set, one more
+part ``scales``: :mod:`sparsekit.formats.quantized`); ``part_names(extra)`` lists an instance's parts.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class SparseWeight:
     parts: ClassVar[tuple[str, ...]] = ()
 
     shape: tuple[int, int]
+    bits: int | None = None  # 8 or 4 when the values are quantized codes (bitmask, N:M)
+    group_size: int | None = None
 
     # --- to be defined by every format
     def to_dense(self) -> torch.Tensor:
@@ -102,9 +104,14 @@ class SparseWeight:
         """Scalars beyond the shape that ``from_parts`` needs (e.g. ``n``, ``m``)."""
         return {}
 
+    @classmethod
+    def part_names(cls, extra: dict | None = None) -> tuple[str, ...]:
+        """The parts of a weight with these ``extra`` scalars (a quantized weight adds ``scales``)."""
+        return cls.parts
+
     # --- shared
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {part: getattr(self, part) for part in self.parts}
+        return {part: getattr(self, part) for part in self.part_names(self.extra())}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,7 +129,9 @@ class SparseWeight:
 
     @property
     def dense_nbytes(self) -> int:
-        """Bytes of the same weight stored dense in the values dtype."""
+        """Bytes of the same weight stored dense in the values dtype (quantized: ``bits/8`` per weight)."""
+        if self.bits is not None:
+            return -(-self.shape[0] * self.shape[1] * self.bits // 8)
         return self.shape[0] * self.shape[1] * self.values.element_size()
 
     @property
@@ -138,12 +147,16 @@ class SparseWeight:
     def to(self, device=None, dtype: torch.dtype | None = None) -> SparseWeight:
         """A copy on ``device`` and/or with values cast to ``dtype`` (indices and masks unchanged)."""
         tensors = {k: t.to(device) if device is not None else t for k, t in self.tensors().items()}
+        if dtype is not None and self.bits is not None:
+            raise ValueError(f"dtype={dtype}: a quantized weight (bits={self.bits}) stores integer codes; "
+                             "to_dense() dequantizes it")
         if dtype is not None:
             tensors["values"] = tensors["values"].to(check_values_dtype(dtype))
         return type(self).from_parts(self.shape, tensors, self.extra(), validate=False)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, "
+        quantized = "" if self.bits is None else f", bits={self.bits}, group_size={self.group_size}"
+        return (f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}{quantized}, nnz={self.nnz}, "
                 f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes})")
 
     # --- helpers for validation in subclasses

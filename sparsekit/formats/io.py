@@ -7,6 +7,9 @@ File layout: every part of a compressed weight ``name`` is the tensor ``"{name}.
                                       "shape": [rows, cols], "extra": {...}, "sha256": {part: hex}}},
      "weights_sha256": hex of the "weights" entry}
 
+``extra`` holds ``n``, ``m`` of an N:M weight and ``bits``, ``group_size`` of a quantized one (whose
+``scales`` is one more part).
+
 ``load_sparse`` refuses (``ValueError`` naming the file and the weight) a file that is not a sparsekit
 file, a newer version, a missing or unexpected part, a checksum mismatch (flipped bits) or a structure
 that fails the format's validation; a truncated file fails in safetensors and is reported the same way.
@@ -132,7 +135,9 @@ def load_sparse(path, device: str | torch.device = "cpu") -> dict:
             raise _fail(path, f"weight {name!r} has unknown format {tag!r}; known: {sorted(FORMATS)}")
         if version != cls.version:
             raise _fail(path, f"weight {name!r} has {tag} format version {version}, expected {cls.version}")
-        parts = {part: tensors.get(f"{name}.{part}") for part in cls.parts}
+        if not isinstance(extra, dict):
+            raise _fail(path, f"weight {name!r} has a malformed 'extra' entry: {extra!r}")
+        parts = {part: tensors.get(f"{name}.{part}") for part in cls.part_names(extra)}
         missing = [p for p, t in parts.items() if t is None or f"{name}.{p}" not in digests]
         if missing:
             raise _fail(path, f"weight {name!r} ({tag}) misses part(s) {missing}")

@@ -2,12 +2,14 @@
 
 ``SparseLinear`` holds a compressed weight and dispatches to the best kernel for the device, dtype and
 batch (dense when the sparse kernel would be slower); ``sparsify_linears(model)`` swaps the pruned
-Linear layers of a model in place. CPU kernels: C with AVX2 compiled on first use (``cpu_build``), scalar
-C without AVX2, torch without a compiler; registered as ``torch.ops.sparsekit.*`` (``ops``). Triton GPU
-kernels register themselves with ``register_kernel(format, "cuda", ...)``.
+Linear layers of a model in place. CPU kernels: C++ compiled on first use as a torch extension
+(:mod:`~sparsekit.kernels.extension`) with AVX-512, AVX2 and scalar paths chosen at run time, registered
+as ``torch.ops.sparsekit.*`` (:mod:`~sparsekit.kernels.ops`); torch reference ops without a compiler.
+Triton GPU kernels (:mod:`~sparsekit.kernels.triton_bitmask`, :mod:`~sparsekit.kernels.triton_nm`) are
+registered for CUDA tensors with ``register_kernel(format, "cuda", ...)``.
 """
 
-from sparsekit.kernels.cpu import backend
+from sparsekit.kernels.ops import active_isa, backend, isa_paths
 from sparsekit.kernels.sparse_linear import (
     KernelEntry,
     SparseLinear,
@@ -20,4 +22,4 @@ from sparsekit.kernels.sparse_linear import (
 )
 
 __all__ = ["SparseLinear", "sparsify_linears", "densify_linears", "sparse_weights", "register_kernel",
-           "select_kernel", "choose_format", "KernelEntry", "backend"]
+           "select_kernel", "choose_format", "KernelEntry", "backend", "isa_paths", "active_isa"]

@@ -5,12 +5,12 @@ batch ``B``. For each call, :func:`select_kernel` picks a kernel registered for 
 x's device and dtype whose ``max_batch(sparsity)`` admits ``B``; if none does, the weight is decompressed
 and dense ``F.linear`` runs (a prefill of many tokens is compute-bound, where the sparse kernels lose).
 
-The CPU rules (:func:`cpu_max_batch_expand`, :func:`cpu_max_batch_csr`) come from
-``kernels/bench_linear.py`` on a 2-core AVX2 machine: the bitmask/N:M kernels expand every position, so
-their cost barely depends on sparsity and they beat dense up to batch ~16-24; the CSR kernel's cost follows
-the non-zeros, so it wins at larger batches the sparser the weight. ``format="auto"`` picks CSR from 85%
-sparsity, where it overtakes the bitmask kernel at batch 1. A GPU kernel joins with
-``register_kernel("bitmask", "cuda", KernelEntry(...))``.
+The CPU rules are :func:`sparsekit.kernels.dispatch.max_batch`: per kernel kind and sparsity, the
+largest batch at which the kernel beat the best torch dense path when ``sparsekit bench --calibrate`` timed
+them on this machine (defaults measured on the machine this project was built on). ``format="auto"`` picks
+CSR from 85% sparsity, where it overtakes the bitmask kernel at batch 1. Quantized weights (int8/int4
+values with fp16 scales, the formats' ``bits`` and ``group_size``) go to the same ops; their dense path
+dequantizes. A GPU kernel joins with ``register_kernel("bitmask", "cuda", KernelEntry(...))``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from torch import nn
 
 from sparsekit.blocks import prunable_linears
 from sparsekit.formats import FORMATS, BitmaskWeight, CSRWeight, NMWeight, SparseWeight
-from sparsekit.kernels import ops
-from sparsekit.kernels.cpu import bitmask_to_dense
+from sparsekit.kernels import dispatch, ops, reference  # noqa: F401 (ops registers torch.ops.sparsekit)
 
 __all__ = ["SparseLinear", "sparsify_linears", "densify_linears", "register_kernel", "select_kernel",
            "choose_format", "sparse_weights", "KernelEntry", "NM_PATTERNS", "CSR_MIN_SPARSITY"]
@@ -42,8 +41,9 @@ class KernelEntry:
 
     name: str
     run: Callable[[torch.Tensor, SparseWeight], torch.Tensor]
-    max_batch: Callable[[float], int]
+    max_batch: Callable[..., int]  # (sparsity[, weight]) -> largest batch sent to this kernel
     x_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    bits: tuple[int | None, ...] = (None,)  # the values it reads: None = float, 8/4 = quantized codes
 
 
 _KERNELS: dict[tuple[str, str], list[KernelEntry]] = {}
@@ -58,58 +58,83 @@ def register_kernel(format: str, device_type: str, entry: KernelEntry, first: bo
     entries.insert(0 if first else len(entries), entry)
 
 
+def _max_batch(entry: KernelEntry, weight: SparseWeight) -> int:
+    try:
+        return entry.max_batch(weight.sparsity, weight)
+    except TypeError:  # a rule of one argument (the sparsity), as registered by other kernels
+        return entry.max_batch(weight.sparsity)
+
+
 def select_kernel(weight: SparseWeight, device_type: str, x_dtype: torch.dtype,
                   batch: int) -> KernelEntry | None:
     """The first registered kernel that takes this weight, device, dtype and batch; ``None`` = dense."""
     for entry in _KERNELS.get((weight.format, device_type), []):
-        if x_dtype in entry.x_dtypes and batch <= entry.max_batch(weight.sparsity):
+        if (x_dtype in entry.x_dtypes and getattr(weight, "bits", None) in entry.bits
+                and batch <= _max_batch(entry, weight)):
             return entry
     return None
 
 
-def cpu_max_batch_expand(sparsity: float) -> int:
-    """Bitmask / N:M on CPU: the largest batch at which the kernel beats the best torch dense path.
-
-    The expansion kernels multiply every position, so their time grows with the batch like dense
-    compute: measured (one core, CPU time, 4096x4096 and 11008x4096, bf16 values) they beat torch's
-    fp32/bf16 ``F.linear`` at batch 1-16 (1.9-2.8x) and tie it near batch 24-32 at 50-90% sparsity.
-    """
-    return 16 if sparsity >= 0.5 else 8 if sparsity >= 0.3 else 0
+def quant_parts(weight: SparseWeight) -> tuple[torch.Tensor | None, int]:
+    """``(scales, group_size)`` of a quantized weight (int8/int4 values), ``(None, 0)`` for float values."""
+    if getattr(weight, "bits", None) is None:
+        return None, 0
+    return weight.scales, int(weight.group_size)
 
 
-def cpu_max_batch_csr(sparsity: float) -> int:
-    """CSR on CPU: its work is ``nnz·batch``, so the sparser, the larger the batch at which it wins.
-
-    Measured (one core, 4096x4096): ties dense fp32 near batch 24 at 50%, wins up to batch 64 at 70%
-    and still 3x at batch 128 at 90%.
-    """
-    return 128 if sparsity >= 0.85 else 64 if sparsity >= 0.65 else 16 if sparsity >= 0.45 else 0
+def _expand_kind(weight: SparseWeight) -> str:
+    bits = getattr(weight, "bits", None)
+    return "expand" if bits is None else f"expand-int{bits}"
 
 
-def _eager_or_op(op, impl):
-    """The custom op under ``torch.compile``/export, the plain function in eager mode (no dispatch cost)."""
-    return lambda *args: op(*args) if torch.compiler.is_compiling() else impl(*args)
+# ---- CPU kernels (the C++ ops); a CUDA branch registers its own entries.
+
+def _cpu_bitmask(x, w):
+    scales, group_size = quant_parts(w)
+    return torch.ops.sparsekit.bitmask_linear(x, w.bitmask, w.values, w.row_offsets, w.shape[1], scales,
+                                              group_size)
 
 
-_bitmask = _eager_or_op(ops.bitmask_linear, ops.bitmask_linear_impl)
-_nm = _eager_or_op(ops.nm_linear, ops.nm_linear_impl)
-_csr = _eager_or_op(ops.csr_linear, ops.csr_linear_impl)
+def _cpu_nm(x, w):
+    scales, group_size = quant_parts(w)
+    return torch.ops.sparsekit.nm_linear(x, w.bitmask, w.values, w.shape[1], scales, group_size)
+
+
+def _cpu_csr(x, w):
+    return torch.ops.sparsekit.csr_linear(x, w.indptr, w.indices, w.values, w.shape[1])
+
 
 register_kernel("bitmask", "cpu", KernelEntry(
-    "cpu-bitmask", lambda x, w: _bitmask(x, w.bitmask, w.values, w.row_offsets, w.shape[1]),
-    cpu_max_batch_expand))
+    "cpu-bitmask", _cpu_bitmask, lambda s, w=None: dispatch.max_batch(_expand_kind(w), s), bits=(None, 8, 4)))
 register_kernel("nm", "cpu", KernelEntry(
-    "cpu-nm", lambda x, w: _nm(x, w.bitmask, w.values, w.shape[1]), cpu_max_batch_expand))
+    "cpu-nm", _cpu_nm, lambda s, w=None: dispatch.max_batch(_expand_kind(w), s), bits=(None, 8, 4)))
 register_kernel("csr", "cpu", KernelEntry(
-    "cpu-csr", lambda x, w: _csr(x, w.indptr, w.indices, w.values, w.shape[1]), cpu_max_batch_csr))
+    "cpu-csr", _cpu_csr, lambda s, w=None: dispatch.max_batch("csr", s)))
 
 
 def dense_weight(weight: SparseWeight) -> torch.Tensor:
-    """Decompressed ``[out, in]`` weight in the values' dtype (fast C path for bitmask/N:M on CPU)."""
-    if weight.device.type == "cpu" and isinstance(weight, (BitmaskWeight, NMWeight)):
+    """Decompressed ``[out, in]`` weight: the values' dtype, fp32 for quantized values (dequantized)."""
+    scales, group_size = quant_parts(weight)
+    if isinstance(weight, (BitmaskWeight, NMWeight)):
         offsets = weight.row_offsets if isinstance(weight, BitmaskWeight) else None
-        return bitmask_to_dense(weight.bitmask, weight.values, offsets, weight.shape[1])
+        if scales is not None:
+            return reference.bitmask_dense(weight.bitmask, weight.values, offsets, weight.shape[1], scales,
+                                           group_size)
+        if weight.device.type == "cpu":
+            return torch.ops.sparsekit.bitmask_to_dense(weight.bitmask, weight.values, offsets,
+                                                        weight.shape[1])
     return weight.to_dense()
+
+
+def check_input(x, in_features: int) -> None:
+    """``x`` must be a floating tensor ``[..., in_features]`` (``nn.Linear`` refuses integer inputs too)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor (float32, bfloat16, float16 or float64), got dtype "
+                        f"{x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., in_features={in_features}], got {tuple(x.shape)}")
 
 
 class SparseLinear(nn.Module):
@@ -160,7 +185,8 @@ class SparseLinear(nn.Module):
     @property
     def weight_sparse(self) -> SparseWeight:
         """The compressed weight viewing this module's buffers (rebuilt when a buffer is replaced)."""
-        tensors = {part: self._buffers[f"weight_{part}"] for part in FORMATS[self.format].parts}
+        tensors = {part: self._buffers[f"weight_{part}"]
+                   for part in FORMATS[self.format].part_names(self._extra)}
         key = tuple(id(t) for t in tensors.values())
         cached = self.__dict__.get("_weight_cache")
         if cached is None or cached[0] != key:
@@ -174,6 +200,7 @@ class SparseLinear(nn.Module):
         return self.weight_sparse.sparsity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
         weight = self.weight_sparse
         x2 = x.reshape(-1, self.in_features).contiguous()
         kernel = select_kernel(weight, x2.device.type, x2.dtype, x2.shape[0])
@@ -190,10 +217,11 @@ class SparseLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The equivalent dense ``nn.Linear`` (zeros where the mask is False)."""
         weight = self.weight_sparse
+        dense = weight.to_dense()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+                           device=weight.device, dtype=dense.dtype)
         with torch.no_grad():
-            linear.weight.copy_(weight.to_dense())
+            linear.weight.copy_(dense)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -201,7 +229,7 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # The non-zero count may differ from this module's: adopt the incoming parts, then validate.
-        for part in FORMATS[self.format].parts:
+        for part in FORMATS[self.format].part_names(self._extra):
             key = f"{prefix}weight_{part}"
             if key in state_dict:
                 self._buffers[f"weight_{part}"] = state_dict[key].detach().clone()
@@ -215,6 +243,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         weight = self.weight_sparse
         nm = f", nm={self._extra['n']}:{self._extra['m']}" if self.format == "nm" else ""
+        if weight.bits is not None:
+            nm += f", bits={weight.bits}, group_size={weight.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format}{nm}, dtype={weight.dtype}, "
                 f"sparsity={weight.sparsity:.3f}")
@@ -240,7 +270,9 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
 
     ``format``: ``"auto"`` (:func:`choose_format` per layer), ``"bitmask"``, ``"nm"`` (``nm=(n, m)``,
     default: detected) or ``"csr"``; ``dtype`` casts the stored values (e.g. ``torch.bfloat16``).
-    ``targets`` as in :func:`sparsekit.blocks.prunable_linears`. Returns a ``pandas.DataFrame`` with one
+    ``targets`` as in :func:`sparsekit.blocks.prunable_linears` (one name may be a plain string). Every
+    layer is compressed before any is swapped, so an error (which names the layer) leaves the model as it
+    was. Returns a ``pandas.DataFrame`` with one
     row per layer: ``layer``, ``sparsity``, ``format``, ``nbytes``, ``dense_nbytes`` (at the dense
     layer's dtype), ``replaced``.
     """
@@ -251,8 +283,9 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
     if (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
             or not 0 <= min_sparsity <= 1):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
-    rows = []
-    modules = dict(model.named_modules())
+    if isinstance(targets, str):
+        targets = [targets]  # one layer name, not its letters
+    rows, swaps = [], []
     for name, linear in prunable_linears(model, targets):
         if not isinstance(linear, nn.Linear):
             continue  # transformers' Conv1D (GPT-2) stores W transposed; not swapped (yet)
@@ -262,18 +295,31 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
                "nbytes": W.numel() * W.element_size(), "dense_nbytes": W.numel() * W.element_size(),
                "replaced": False}
         if sparsity >= min_sparsity and sparsity > 0:
-            layer_format, layer_nm = (choose_format(W != 0) if format == "auto" else (format, nm))
-            if layer_format == "nm" and layer_nm is None:
-                layer_format, layer_nm = choose_format(W != 0)
-                if layer_format != "nm":
-                    raise ValueError(f"layer {name!r} is not N:M sparse; pass nm=(n, m) or another format")
-            sparse = SparseLinear.from_linear(linear, format=layer_format, dtype=dtype, nm=layer_nm)
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, sparse)
-            row.update(format=sparse.format if sparse.format != "nm" else f"nm {layer_nm[0]}:{layer_nm[1]}",
-                       nbytes=sparse.weight_sparse.nbytes, replaced=True)
+            try:  # every layer is compressed before any is swapped: a failure leaves the model unchanged
+                sparse, label = _compress(linear, format, nm, dtype)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"sparsify_linears: layer {name!r} cannot be stored as format={format!r}"
+                                  f"{f', nm={nm!r}' if nm is not None else ''}: {error}") from error
+            swaps.append((name, sparse))
+            row.update(format=label, nbytes=sparse.weight_sparse.nbytes, replaced=True)
         rows.append(row)
+    modules = dict(model.named_modules())
+    for name, sparse in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, sparse)
     return pd.DataFrame(rows, columns=["layer", "sparsity", "format", "nbytes", "dense_nbytes", "replaced"])
+
+
+def _compress(linear: nn.Linear, format: str, nm, dtype) -> tuple[SparseLinear, str]:
+    W = linear.weight.detach()
+    layer_format, layer_nm = choose_format(W != 0) if format == "auto" else (format, nm)
+    if layer_format == "nm" and layer_nm is None:
+        layer_format, layer_nm = choose_format(W != 0)
+        if layer_format != "nm":
+            raise ValueError("its mask is not N:M sparse for any of the patterns "
+                             f"{[f'{n}:{m}' for n, m in NM_PATTERNS]}; pass nm=(n, m) or another format")
+    sparse = SparseLinear.from_linear(linear, format=layer_format, dtype=dtype, nm=layer_nm)
+    return sparse, sparse.format if sparse.format != "nm" else f"nm {layer_nm[0]}:{layer_nm[1]}"
 
 
 def densify_linears(model: nn.Module) -> int:
@@ -316,4 +362,4 @@ def _triton_linear(x: torch.Tensor, weight: SparseWeight) -> torch.Tensor:
 
 for _format in ("bitmask", "nm"):
     register_kernel(_format, "cuda", KernelEntry(f"triton-{_format}", _triton_linear, cuda_max_batch,
-                                                 (torch.float16, torch.bfloat16)))
+                                                 (torch.float16, torch.bfloat16), bits=(None, 8, 4)))

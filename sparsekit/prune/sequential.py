@@ -84,6 +84,23 @@ def _check_options(solver: Solver, method: str, quant, options: dict, nm) -> dic
     return solver.resolve(method, options, nm)
 
 
+def _check_quant_layers(quant, chosen: dict, batches) -> None:
+    """Every layer fits the quantization's group size, and GPTQ has its statistics, before any pruning.
+
+    ``quant`` is the solver's checked option: a :class:`~sparsekit.quant.QuantConfig` for the built-in
+    methods (a new method may take another form, which its own ``check`` validates).
+    """
+    from sparsekit.quant import QuantConfig  # late: sparsekit.quant imports sparsekit.prune.sparsegpt
+
+    if not isinstance(quant, QuantConfig):
+        return
+    if quant.needs_statistics and batches is None:
+        raise ValueError("quant method 'gptq' needs calib_batches (it reads each layer's H); pass them or "
+                         "use quant method 'rtn'")
+    for name, linear in chosen.items():
+        quant.check_layer(in_features_of(linear), name)
+
+
 def _group_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
     """``[(stack name, [(block name, block)])]`` in execution order."""
     stacks: dict[str, list[tuple[str, nn.Module]]] = {}
@@ -116,7 +133,7 @@ def _prune_linear(linear: nn.Module, name: str, stats: HessianStats | None, solv
         raise ValueError(f"layer {name!r} received no calibration inputs; cannot prune it with statistics")
     W = weight_out_in(linear)  # [out, in], a view: Conv1D (GPT-2) stores the transpose
     start = time.perf_counter()
-    pruned, _ = solver.prune(W, stats, sparsity, nm, name, **options)
+    pruned, mask, *quantized = solver.prune(W, stats, sparsity, nm, name, **options)
     seconds = time.perf_counter() - start
     rel_error = float("nan")
     if stats is not None:
@@ -125,8 +142,11 @@ def _prune_linear(linear: nn.Module, name: str, stats: HessianStats | None, solv
         reference = float(((W.float() @ H) * W.float()).sum())
         rel_error = float(((delta @ H) * delta).sum()) / reference if reference > 0 else float("nan")
     W.copy_(pruned)
-    return {"layer": name, "shape": tuple(W.shape), "sparsity": float((pruned == 0).float().mean()),
-            "rel_error": rel_error, "seconds": seconds}
+    row = {"layer": name, "shape": tuple(W.shape), "sparsity": float((pruned == 0).float().mean()),
+           "rel_error": rel_error, "seconds": seconds}
+    if quantized:  # quantization: the mask's sparsity (a kept weight may round to 0), and the codes
+        row.update(sparsity=float((~mask).float().mean()), quantized=quantized[0])
+    return row
 
 
 def _process_block(block, linears, calls: list[BlockCall], masks, solver, sparsity, nm, options, device,
@@ -206,13 +226,18 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict] | None, method: 
       75 %); the references' ``prunen:prunem`` *prunes* ``prunen``.
     * ``targets``: a list of Linear names (or suffixes such as ``"mlp.up_proj"``) inside the transformer
       blocks; default all of them. A plain string is refused (``TypeError``): pass ``["mlp.up_proj"]``.
-    * ``quant``: joint sparsity + quantization, passed to the method's solver as option ``quant``; no
-      method takes it yet, so anything but None raises ``ValueError``.
+    * ``quant``: ``None``, or a :class:`sparsekit.quant.QuantConfig` (or a dict of its fields, e.g.
+      ``{"bits": 4, "group_size": 128}``), passed to the method's solver as option ``quant``: every pruned
+      layer is also quantized, jointly inside SparseGPT's column loop for SparseGPT with GPTQ, else
+      after pruning (:mod:`sparsekit.quant.config`). The model keeps the dequantized weights (on the grid).
     * ``device``: where each block is processed (default: where the model is).
 
     Every argument is checked before the model is touched. Returns a ``pandas.DataFrame`` with one row
     per pruned layer: ``layer``, ``shape``, ``sparsity`` (zeros reached), ``rel_error`` =
     ``‖W X − Ŵ X‖² / ‖W X‖²`` over the calibration inputs of the layer, ``seconds`` (time of the solver).
+    With ``quant``: ``rel_error`` covers pruning and quantization, ``sparsity`` is the mask's, and a
+    column ``quantized`` holds each layer's :class:`~sparsekit.quant.QuantizedLayer` (codes, scales, mask;
+    ``.compress()`` gives its int8/int4 ``BitmaskWeight`` or ``NMWeight``).
     """
     import pandas as pd
 
@@ -224,6 +249,7 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict] | None, method: 
     stacks = _group_stacks(model)
     chosen = _chosen_linears(model, targets, stacks, nm)
     options = _check_options(solver, method, quant, options, nm)
+    _check_quant_layers(options.get("quant"), chosen, batches)
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
@@ -241,4 +267,5 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict] | None, method: 
                                            device, bar)
     finally:
         model.train(was_training)
-    return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+    quantized = any("quantized" in row for row in rows)
+    return pd.DataFrame(rows, columns=REPORT_COLUMNS + (["quantized"] if quantized else []))

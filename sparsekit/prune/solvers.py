@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from sparsekit import _validate
 from sparsekit.prune.magnitude import SCOPES, magnitude_prune
 from sparsekit.prune.sparsegpt import solver_options, sparsegpt_prune
@@ -26,10 +24,11 @@ from sparsekit.prune.wanda import wanda_prune
 
 __all__ = ["Solver", "SOLVERS"]
 
-PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+PruneFn = Callable[..., tuple]
 """``prune(W, stats, sparsity, nm, name, **options) -> (W_pruned, mask)``; ``stats`` is the layer's
 :class:`~sparsekit.prune.statistics.HessianStats` (None when the method needs no calibration data and
-none was given), ``name`` the layer's qualified name (for errors)."""
+none was given), ``name`` the layer's qualified name (for errors). Given option ``quant`` (a
+:class:`~sparsekit.quant.QuantConfig`), it returns ``(W_quantized, mask, QuantizedLayer)``."""
 
 
 @dataclass(frozen=True)
@@ -58,33 +57,60 @@ class Solver:
         return self.check({**self.options, **options}, nm)
 
 
-def _sparsegpt(W, stats: HessianStats, sparsity, nm, name, blocksize, percdamp, quantizer=None):
-    return sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp, quantizer=quantizer, name=name)
+def _sparsegpt(W, stats: HessianStats, sparsity, nm, name, blocksize, percdamp, quantizer=None, quant=None):
+    if quant is not None and quant.is_joint("sparsegpt"):
+        return quant.prune_jointly(W, stats.H, sparsity, nm, blocksize, percdamp, name)
+    pruned, mask = sparsegpt_prune(W, stats.H, sparsity, nm, blocksize, percdamp, quantizer=quantizer,
+                                   name=name)
+    if quant is None:
+        return pruned, mask
+    return quant.finish(W, pruned, mask, stats.H, blocksize, percdamp, name)
 
 
 def _check_sparsegpt(options: dict, nm) -> dict:
     blocksize, percdamp, _ = solver_options(options["blocksize"], options["percdamp"], nm)
+    options = _check_quant("sparsegpt", options, nm)
+    if options["quant"] is not None and options["quantizer"] is not None:
+        raise ValueError("pass either quant (sparsekit's int8/int4 quantization) or a custom quantizer, "
+                         "not both")
     return {**options, "blocksize": blocksize, "percdamp": percdamp}
 
 
-def _wanda(W, stats: HessianStats, sparsity, nm, name):
-    return wanda_prune(W, stats.act_sq_norm, sparsity, nm)
+def _wanda(W, stats: HessianStats, sparsity, nm, name, quant=None):
+    pruned, mask = wanda_prune(W, stats.act_sq_norm, sparsity, nm)
+    if quant is None:
+        return pruned, mask
+    return quant.finish(W, pruned, mask, stats.H, name=name)
 
 
-def _magnitude(W, stats, sparsity, nm, name, scope):
-    return magnitude_prune(W, sparsity, nm, scope=scope)
+def _magnitude(W, stats, sparsity, nm, name, scope, quant=None):
+    pruned, mask = magnitude_prune(W, sparsity, nm, scope=scope)
+    if quant is None:
+        return pruned, mask
+    return quant.finish(W, pruned, mask, None if stats is None else stats.H, name=name)
 
 
 def _check_magnitude(options: dict, nm) -> dict:
     _validate.choice(options["scope"], "scope", SCOPES)
-    return options
+    return _check_quant("magnitude", options, nm)
+
+
+def _check_quant(method: str, options: dict, nm) -> dict:
+    """Option ``quant`` as a :class:`~sparsekit.quant.QuantConfig` (or None) that ``method`` can honour."""
+    from sparsekit.quant import as_quant_config  # late: sparsekit.quant imports sparsekit.prune.sparsegpt
+
+    quant = as_quant_config(options["quant"])
+    if quant is not None:
+        quant.check_method(method)
+    return {**options, "quant": quant}
 
 
 SOLVERS: dict[str, Solver] = {
     "sparsegpt": Solver(_sparsegpt, needs_calibration=True,
-                        options={"blocksize": 128, "percdamp": 0.01, "quantizer": None},
+                        options={"blocksize": 128, "percdamp": 0.01, "quantizer": None, "quant": None},
                         check=_check_sparsegpt),
-    "wanda": Solver(_wanda, needs_calibration=True),
-    "magnitude": Solver(_magnitude, needs_calibration=False, options={"scope": "row"},
+    "wanda": Solver(_wanda, needs_calibration=True, options={"quant": None},
+                    check=lambda options, nm: _check_quant("wanda", options, nm)),
+    "magnitude": Solver(_magnitude, needs_calibration=False, options={"scope": "row", "quant": None},
                         check=_check_magnitude),
 }

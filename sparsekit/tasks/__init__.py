@@ -26,8 +26,13 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get(name: str) -> Task:
-    """The task called ``name`` (one shared instance per name, so its in-memory data caches are reused)."""
+def get(name: str, model=None, dataset=None) -> Task:
+    """The task called ``name`` (one shared instance per name, so its in-memory data caches are reused).
+
+    ``model``/``dataset`` point its paper path (``scale="paper"``) at another teacher or data set: a hub id
+    or a local path, or a mapping task name -> one (as the notebooks' parameters); unset, the paper's own
+    (see :mod:`sparsekit.tasks.real`). Given either, a fresh instance is returned.
+    """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}; allowed: {names()}")
     if name not in _REGISTRY:
@@ -36,4 +41,8 @@ def get(name: str) -> Task:
         module_name, class_name = _REGISTRY[name]
         module = importlib.import_module(module_name)
         _INSTANCES[name] = getattr(module, class_name)()
-    return _INSTANCES[name]
+    if model is None and dataset is None:
+        return _INSTANCES[name]
+    from sparsekit.tasks.real import pick_source, with_sources
+
+    return with_sources(_INSTANCES[name], pick_source(model, name), pick_source(dataset, name))

@@ -4,8 +4,16 @@ A task owns its data (four seeded, disjoint splits: train / validation / test / 
 optional extra report splits), a tokenizer trained here, a tiny model config per scale, a teacher
 trained by the shared loop (:mod:`sparsekit.tasks.training`) and cached on disk
 (:mod:`sparsekit.tasks.cache`), its evaluation in the paper's metric, and the trivial baseline in that
-metric. ``real`` holds the paper's version of the task (Hugging Face model and data set ids plus the
-loading code); it needs internet and a GPU, and is used at ``scale="paper"``.
+metric.
+
+Caches are keyed by content: :meth:`Task.data_key` digests the generated rows of every split and the
+versions of everything that generated them (:meth:`Task.generators`); the tokenizer's key adds a digest
+of the task's tokenizer-training code; the teacher's key adds the model and training configs. A cached
+teacher is used with the tokenizer saved beside it. Every ``evaluate(limit=...)`` is validated here
+(``limit`` is a positive int or ``None``), once for all tasks.
+
+``real`` holds the paper's version of the task (:mod:`sparsekit.tasks.real`: its dense teacher
+and data set, each a hub id or a local path, and the loading code); it is used at ``scale="paper"``.
 
 Scales: ``smoke`` (seconds, for tests), ``book`` (the published numbers, <= 10 min per teacher on a
 2-core CPU), ``paper`` (the real model and data set).
@@ -15,8 +23,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
+import inspect
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,19 +36,71 @@ import torch
 
 from sparsekit import _validate
 from sparsekit.tasks import cache
+from sparsekit.tasks.real import PAPER_NOTE, RealPath  # noqa: F401  (re-exported: the paper path)
 from sparsekit.tasks.training import seed_everything, train
 
-__all__ = ["Task", "TrainConfig", "RealPath", "SCALES", "SPLITS", "check_scale", "to_device"]
+__all__ = [
+    "Task", "TrainConfig", "RealPath", "SCALES", "SPLITS", "check_scale", "check_limit", "to_device",
+    "digest", "code_digest",
+]
 
 SCALES = ("smoke", "book", "paper")
 SPLITS = ("train", "validation", "test", "calibration")
-PAPER_NOTE = "scale='paper' downloads from the Hugging Face hub: it needs internet and, in practice, a GPU"
 
 
 def check_scale(scale: str) -> str:
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     return scale
+
+
+def check_limit(limit) -> int | None:
+    """``limit`` of ``evaluate``: ``None`` (the whole split) or a positive int (the first ``limit`` rows)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be a positive int or None, got {type(limit).__name__}: {limit!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    return limit
+
+
+def _validating_limit(evaluate):
+    """Wrap a task's ``evaluate`` so that its ``limit`` argument is checked by :func:`check_limit`."""
+    signature = inspect.signature(evaluate)
+
+    @functools.wraps(evaluate)
+    def wrapper(*args, **kwargs):
+        check_limit(signature.bind(*args, **kwargs).arguments.get("limit"))
+        return evaluate(*args, **kwargs)
+
+    wrapper._checks_limit = True
+    return wrapper
+
+
+def code_digest(function) -> str:
+    """Digest of a function's compiled code (bytecode, names and constants, nested code included).
+
+    Taken from the loaded code object, not the source file, so editing the file while a process runs
+    (or moving lines) does not change it; changing what the function does does."""
+
+    def constant(c):
+        if inspect.iscode(c):
+            return material(c)
+        if isinstance(c, frozenset):  # its repr's order follows the per-process string hash seed
+            return sorted(map(repr, c))
+        return repr(c)
+
+    def material(code):
+        return [code.co_code.hex(), list(code.co_names), [constant(c) for c in code.co_consts]]
+
+    return digest(material(inspect.unwrap(function).__code__))
+
+
+def digest(obj) -> str:
+    """Hex SHA-256 (first 16 digits) of ``obj`` as canonical JSON (sorted keys)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_device(batch: dict, model: torch.nn.Module) -> dict:
@@ -64,45 +128,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class RealPath:
-    """The paper's version of a task: hub ids and the loading code (needs internet; a GPU in practice).
-
-    ``splits`` maps our split names to the hub data set's split expressions; ``row_fn`` turns a hub row
-    into this task's row format. ``load_model``/``load_tokenizer`` take a hub id *or* a local path, so
-    the same code loads a model saved with ``save_pretrained`` (this is how it is tested offline).
-    """
-
-    model_id: str
-    dataset_id: str
-    dataset_config: str | None
-    splits: dict[str, str]
-    model_class: str
-    tokenizer_class: str = "AutoTokenizer"
-    row_fn: Callable[[dict], dict] | None = None
-    note: str = PAPER_NOTE
-
-    def load_model(self, path_or_id: str | None = None, **kwargs):
-        import transformers
-
-        cls = getattr(transformers, self.model_class)
-        return cls.from_pretrained(path_or_id or self.model_id, **kwargs)
-
-    def load_tokenizer(self, path_or_id: str | None = None, **kwargs):
-        import transformers
-
-        cls = getattr(transformers, self.tokenizer_class)
-        return cls.from_pretrained(path_or_id or self.model_id, **kwargs)
-
-    def load_data(self, split: str, **kwargs):
-        import datasets
-
-        if split not in self.splits:
-            raise ValueError(f"split must be one of {sorted(self.splits)}, got {split!r}")
-        ds = datasets.load_dataset(self.dataset_id, self.dataset_config, split=self.splits[split], **kwargs)
-        return ds.map(self.row_fn, remove_columns=ds.column_names) if self.row_fn else ds
-
-
 class Task:
     """Base class: subclasses set the class attributes and implement the ``_``-prefixed builders,
     :meth:`model_config`, :meth:`collate`, :meth:`train_config`, :meth:`evaluate`, :meth:`baseline`
@@ -114,12 +139,20 @@ class Task:
     higher_is_better: bool = True
     data_version: str = "1"
     extra_splits: tuple[str, ...] = ()  # additional report splits (e.g. out-of-grammar test)
+    generator_packages: tuple[str, ...] = ()  # Python distributions whose code generates the rows
     real: RealPath
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        evaluate = cls.__dict__.get("evaluate")
+        if evaluate is not None and not getattr(evaluate, "_checks_limit", False):
+            cls.evaluate = _validating_limit(evaluate)
 
     def __init__(self) -> None:
         self._rows_cache: dict[str, dict[str, list[dict]]] = {}
         self._datasets: dict[tuple[str, str], object] = {}
         self._tokenizers: dict[str, object] = {}
+        self._data_keys: dict[str, str] = {}
 
     # ---- to implement -------------------------------------------------------------------------
     def _build_splits(self, scale: str) -> dict[str, list[dict]]:
@@ -140,6 +173,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
+        """The paper's metric of ``model`` on ``split`` (its first ``limit`` rows if given; ``limit`` is
+        checked by :func:`check_limit` before a subclass's ``evaluate`` runs)."""
         raise NotImplementedError
 
     def baseline(self, split: str = "test", scale: str = "book") -> dict:
@@ -169,14 +204,39 @@ class Task:
         import datasets
 
         check_scale(scale)
-        if scale == "paper":
-            return self.real.load_data(split)
         key = (split, scale)
+        if scale == "paper":  # the paper's data set: hub id or local folder (sparsekit.tasks.real)
+            if key not in self._datasets:
+                self._datasets[key] = self.real.load_data(split)
+            return self._datasets[key]
         if key not in self._datasets:
             self._datasets[key] = datasets.Dataset.from_list(self.rows(split, scale))
         return self._datasets[key]
 
+    def generators(self, scale: str = "book") -> dict:
+        """Versions of what generates the data beyond its rows (packages, files, our code); enters
+        :meth:`data_key`. Subclasses extend it (e.g. the Ding file's hash, espeak-ng's version)."""
+        from importlib.metadata import version
+
+        return {"data_version": self.data_version, **{p: version(p) for p in self.generator_packages}}
+
+    def data_key(self, scale: str = "book") -> str:
+        """Digest of the rows of every split and of :meth:`generators`: the identity of the data."""
+        check_scale(scale)
+        if scale not in self._data_keys:
+            rows = {split: self.rows(split, scale) for split in self.splits}
+            self._data_keys[scale] = digest({"generators": self.generators(scale), "rows": rows})
+        return self._data_keys[scale]
+
     # ---- tokenizer ----------------------------------------------------------------------------
+    def tokenizer_key(self, scale: str = "book") -> str:
+        """Digest of :meth:`data_key` and of the task's tokenizer-training code (:func:`code_digest`)."""
+        return digest({"data": self.data_key(scale), "code": code_digest(type(self)._train_tokenizer)})
+
+    def tokenizer_path(self, scale: str = "book"):
+        """Folder of the cached tokenizer of ``scale`` (named by :meth:`tokenizer_key`)."""
+        return cache.data_dir(self.name, scale, self.data_version) / f"tokenizer-{self.tokenizer_key(scale)}"
+
     def tokenizer(self, scale: str = "book"):
         """The tokenizer trained here on the train split (cached on disk), or the hub's at paper scale."""
         from transformers import PreTrainedTokenizerFast
@@ -187,7 +247,7 @@ class Task:
                 self._tokenizers["paper"] = self.real.load_tokenizer()
             return self._tokenizers["paper"]
         if scale not in self._tokenizers:
-            path = cache.data_dir(self.name, scale, self.data_version) / self.tokenizer_dirname(scale)
+            path = self.tokenizer_path(scale)
             if (path / "tokenizer.json").exists():
                 tok = PreTrainedTokenizerFast.from_pretrained(str(path))
             else:
@@ -195,10 +255,6 @@ class Task:
                 tok.save_pretrained(str(path))
             self._tokenizers[scale] = tok
         return self._tokenizers[scale]
-
-    def tokenizer_dirname(self, scale: str) -> str:
-        """Folder of the cached tokenizer; a task whose data changes without a version bump keys it here."""
-        return "tokenizer"
 
     # ---- models -------------------------------------------------------------------------------
     def model_class(self):
@@ -258,12 +314,14 @@ class Task:
 
     # ---- teacher ------------------------------------------------------------------------------
     def teacher_key(self, scale: str = "book") -> str:
+        """Digest of the task, scale, model and training configs, and :meth:`tokenizer_key` (the data)."""
         return cache.cache_key(
             self.name,
             scale,
             self.model_config(scale).to_dict(),
             self.train_config(scale).to_dict(),
             self.data_version,
+            data_key=self.tokenizer_key(scale),
         )
 
     def teacher_path(self, scale: str = "book"):
@@ -272,13 +330,17 @@ class Task:
     def teacher(self, scale: str = "book", progress: bool = True):
         """The dense teacher: loaded from the cache, or trained from scratch and cached (eval mode).
 
-        At ``scale="paper"`` the paper's hub model (internet; a GPU in practice).
+        A cached teacher brings the tokenizer saved beside it, which becomes this task's tokenizer of
+        ``scale``. At ``scale="paper"`` the paper's hub model (internet; a GPU in practice).
         """
+        from transformers import PreTrainedTokenizerFast
+
         check_scale(scale)
-        if scale == "paper":
-            return self.real.load_model().eval()
+        if scale == "paper":  # the paper's dense teacher (sparsekit.tasks.real), on the GPU when there is one
+            return self.real.load_model().to("cuda" if torch.cuda.is_available() else "cpu").eval()
         path = self.teacher_path(scale)
         if (path / "meta.json").exists() and (path / "model.safetensors").exists():
+            self._tokenizers[scale] = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
             return self.model_class().from_pretrained(str(path), use_safetensors=True).eval()
         model = self.new_model(scale)
         config = self.train_config(scale)
@@ -295,6 +357,9 @@ class Task:
             "scale": scale,
             "key": self.teacher_key(scale),
             "data_version": self.data_version,
+            "data_key": self.data_key(scale),
+            "tokenizer_key": self.tokenizer_key(scale),
+            "generators": self.generators(scale),
             "train_config": config.to_dict(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "wall_s": wall,
@@ -317,6 +382,10 @@ class Task:
 
     def describe(self, scale: str = "book") -> dict:
         """Sizes for tables: rows per split, vocabulary size, parameters of the model config."""
+        if check_scale(scale) == "paper":  # no random 7B model: counted on the meta device
+            from sparsekit.tasks import real
+
+            return real.describe(self)
         model = self.new_model(scale)
         return {
             "task": self.name,

@@ -7,8 +7,10 @@ A teacher lives in ``<cache>/teachers/<task>-<scale>-<key>/`` with
 - ``tokenizer/`` (the tokenizer trained here, ``save_pretrained``),
 - ``curve.json`` (the training curve) and ``meta.json`` (key material, wall time, sec/step).
 
-The key is a SHA-256 of the task name, the scale, the model config, the training config and the task's
-data version, so changing any of them trains a new teacher instead of reusing a stale one.
+The key is a SHA-256 of the task name, the scale, the model config, the training config, the task's
+data version and a digest of the data itself (the generated rows of every split, the versions of their
+generators and the tokenizer's code; see :meth:`sparsekit.tasks.base.Task.tokenizer_key`), so changing
+any of them trains a new teacher instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
 
 
-def cache_key(task: str, scale: str, model_config: dict, train_config: dict, data_version: str) -> str:
+def cache_key(
+    task: str, scale: str, model_config: dict, train_config: dict, data_version: str, data_key: str = ""
+) -> str:
     """Hex SHA-256 (first 16 digits) of everything that determines a trained teacher."""
     material = {
         "task": task,
@@ -40,6 +44,7 @@ def cache_key(task: str, scale: str, model_config: dict, train_config: dict, dat
         "model_config": model_config,
         "train_config": train_config,
         "data_version": data_version,
+        "data_key": data_key,
     }
     return hashlib.sha256(_canonical(material).encode()).hexdigest()[:16]
 

@@ -9,6 +9,9 @@ Causal models take left-padded ``input_ids`` ``[B, S]`` + ``attention_mask``; en
 encoder inputs (``input_ids`` + ``attention_mask`` for T5, ``input_features`` for Whisper) and start the
 decoder from ``decoder_start_ids`` ``[B, P]`` (default: ``config.decoder_start_token_id``).
 Returns the new tokens ``[B, T]`` (``T <= max_new_tokens``), EOS included, pad after it.
+
+The model's generation config is honoured as ``generate`` does: ``suppress_tokens`` are never chosen, and
+``begin_suppress_tokens`` not as the first new token (Whisper: no blank, no EOS at the start).
 """
 
 from __future__ import annotations
@@ -75,13 +78,26 @@ def greedy_decode(
         model.train(was_training)
 
 
-def _decode_loop(step, first_inputs: dict, batch: int, device, max_new_tokens: int, eos: set[int], pad: int):
+def _suppressed(model) -> tuple[list[int], list[int]]:
+    """``(suppress_tokens, begin_suppress_tokens)`` of the model's generation config (empty when unset)."""
+    config = getattr(model, "generation_config", None)
+    return (list(getattr(config, "suppress_tokens", None) or []),
+            list(getattr(config, "begin_suppress_tokens", None) or []))
+
+
+def _decode_loop(step, first_inputs: dict, batch: int, device, max_new_tokens: int, eos: set[int], pad: int,
+                 suppress: tuple[list[int], list[int]] = ([], [])):
     """Shared greedy loop; ``step(inputs, past, new_token)`` -> ``(logits [B, V], past)``."""
     eos_ids = torch.tensor(sorted(eos), device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    always, at_start = suppress
     tokens = []
     logits, past = step(first_inputs, None, None)
     for t in range(max_new_tokens):
+        banned = always + at_start if t == 0 else always
+        if banned:
+            logits = logits.clone()
+            logits[:, [i for i in banned if i < logits.shape[-1]]] = float("-inf")
         nxt = logits.argmax(-1)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
@@ -110,7 +126,8 @@ def _decode_causal(model, max_new_tokens, eos, pad, input_ids, attention_mask):
             inputs["position_ids"] = positions if first is not None else positions[:, -1:]
         return _step_logits(model, past, attention_mask=mask, **inputs)
 
-    return _decode_loop(step, {}, len(input_ids), input_ids.device, max_new_tokens, eos, pad)
+    return _decode_loop(step, {}, len(input_ids), input_ids.device, max_new_tokens, eos, pad,
+                        _suppressed(model))
 
 
 def _decode_seq2seq(model, max_new_tokens, eos, pad, input_ids, attention_mask, decoder_start_ids, enc_in):
@@ -140,7 +157,7 @@ def _decode_seq2seq(model, max_new_tokens, eos, pad, input_ids, attention_mask, 
             decoder_input_ids=decoder_ids,
         )
 
-    return _decode_loop(step, {}, batch, device, max_new_tokens, eos, pad)
+    return _decode_loop(step, {}, batch, device, max_new_tokens, eos, pad, _suppressed(model))
 
 
 def trim_at_eos(tokens: torch.Tensor, eos_token_id: int | list[int]) -> list[list[int]]:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DING_PATH", "Noun", "Verb", "Adjective", "Lexicon", "load_lexicon", "ding_lines", "clean"]
+__all__ = [
+    "DING_PATH", "Noun", "Verb", "Adjective", "Lexicon", "load_lexicon", "ding_lines", "ding_sha256", "clean"
+]
 
 DING_PATH = Path("/usr/share/trans/de-en")
 _MISSING = (
@@ -164,6 +166,17 @@ def ding_lines(path: str | Path = DING_PATH) -> tuple[str, ...]:
         raise FileNotFoundError(_MISSING.format(path=path))
     text = path.read_text(encoding="utf-8")
     return tuple(line for line in text.splitlines() if " :: " in line and not line.startswith("#"))
+
+
+@lru_cache(maxsize=2)
+def ding_sha256(path: str | Path = DING_PATH) -> str:
+    """SHA-256 of the dictionary file (it enters the translation data key)."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(_MISSING.format(path=path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 _LEADING = ("jdn./etw. ", "jdm./etw. ", "etw. ", "jdn. ", "jdm. ", "jds. ", "sich ")

@@ -21,6 +21,7 @@ import torch
 
 from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale, to_device
 from sparsekit.tasks.decoding import greedy_decode
+from sparsekit.tasks.mpt_checkpoint import load_mpt, mpt_config
 
 __all__ = ["MathTask", "final_number", "accuracy", "prompt"]
 
@@ -108,19 +109,20 @@ class MathTask(Task):
     higher_is_better = True
     data_version = "m1-" + "-".join(map(str, TRAIN_TEMPLATES)) + f"-le{MAX_NUMBER}"
     extra_splits = ("heldout",)
+    # paper path (sparsekit.tasks.real): the paper's dense GSM8K teacher (MPT-7B fine-tuned on GSM8K by the
+    # paper's authors), loaded with transformers' own MPT classes (sparsekit.tasks.mpt_checkpoint); GSM8K has
+    # no validation split: its last 500 training problems are carved out of train; no heldout split
+    generator_packages = ("reasoning-gym",)  # its version enters the data key
     real = RealPath(
-        model_id="mosaicml/mpt-7b",
+        model_id="neuralmagic/mpt-7b-gsm8k-pt",
         dataset_id="openai/gsm8k",
         dataset_config="main",
-        splits={
-            "train": "train",
-            "validation": "train[-500:]",
-            "test": "test",
-            "calibration": "train[:1024]",
-            "heldout": "test",
-        },
         model_class="MptForCausalLM",
         row_fn=_gsm8k_row,
+        model_loader=load_mpt,
+        config_loader=mpt_config,
+        validation_rows=500,
+        identity=lambda row: row["question"],
     )
 
     # ---- data ---------------------------------------------------------------------------------
@@ -169,9 +171,7 @@ class MathTask(Task):
         from transformers import MptConfig
 
         if check_scale(scale) == "paper":
-            from transformers import AutoConfig
-
-            return AutoConfig.from_pretrained(self.real.model_id)
+            return self.real.load_config()
         tok = self.tokenizer(scale)
         d_model, layers, heads = {"smoke": (64, 1, 2), "book": (192, 3, 4)}[scale]
         config = MptConfig(  # MPT's defaults: no dropout, ALiBi positions, no biases

@@ -9,6 +9,7 @@ positions). The curve is a list of ``{"step", "loss", "lr", "elapsed_s"}`` entri
 
 from __future__ import annotations
 
+import contextvars
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,10 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["train", "lr_at", "seed_everything"]
+__all__ = ["train", "lr_at", "seed_everything", "BAR_LABEL"]
+
+BAR_LABEL = contextvars.ContextVar("BAR_LABEL", default="train")
+"""The label of the training bar (``make teachers`` sets it to ``"train <task>"``)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -62,7 +66,7 @@ def train(
     curve: list[dict] = []
     running, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="train", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(config.steps), desc=BAR_LABEL.get(), disable=not progress, mininterval=1.0)
     for step in bar:
         lr = lr_at(step, config.lr, config.warmup, config.steps, config.final_lr_ratio)
         for group in optimizer.param_groups:

@@ -5,13 +5,15 @@ entries read at run time from the Ding dictionary (``/usr/share/trans/de-en``); 
 split by a seeded shuffle, so no test source is seen in training. An extra ``ding`` split holds Ding's own
 short example sentences that mostly use the same English words: an out-of-grammar test, reported
 separately. Tokenizer: word level, one vocabulary for both languages, trained here on the train split.
-Metric: sacrebleu BLEU (and chrF) of greedy translations; baseline: BLEU of copying the source.
+Metric: sacrebleu corpus BLEU (and chrF) of greedy translations. Baselines: copying the source, and a
+word-for-word gloss from the task's own lexicon (:meth:`TranslationTask.gloss`), the stronger of the two.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from functools import cached_property, lru_cache
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale, to_device
 from sparsekit.tasks.decoding import greedy_decode
 
-__all__ = ["TranslationTask", "detokenize", "bleu", "chrf"]
+__all__ = ["TranslationTask", "detokenize", "bleu", "chrf", "GLOSS_CONJUNCTIONS"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 SIZES = {  # rows per split
@@ -27,7 +29,21 @@ SIZES = {  # rows per split
     "book": {"train": 80000, "validation": 300, "test": 300, "calibration": 512},
 }
 LEXICON_NOUNS, LEXICON_ADJECTIVES = 72, 24
+# How the book configuration was chosen, on the validation split (test is reported once): each candidate
+# trained on the book data for 2500 steps (1 thread, shared CPU), its validation BLEU, that of its copy
+# after 70 % one-shot magnitude pruning (sparsekit.prune.prune_model), and the strongest baseline's (the
+# gloss). Rule: the best validation BLEU among candidates >= 10 above the gloss whose 70 % pruning costs
+# >= 1/3 of that margin. The lexicon subset and the 2500 steps come from an earlier calibration (full
+# lexicon: BLEU 13.5 at 2000 steps, 13.9 at 3000), which was scored on the test split and not re-run.
+SELECTION = (
+    {"candidate": "T5 d128, FFN 512, 2+2 layers", "validation BLEU": 38.1, "after 70% magnitude": 13.3,
+     "gloss baseline": 26.6, "train wall s (contended)": 2151, "chosen": True},
+    {"candidate": "T5 d192, FFN 768, 2+2 layers", "validation BLEU": 18.2, "after 70% magnitude": 14.0,
+     "gloss baseline": 26.6, "train wall s (contended)": 1848, "train CPU s": 425, "chosen": False},
+)
 PAPER_PREFIX = "translate English to German: "
+# the gloss of the grammar's conjunctions, with the comma German always writes before them
+GLOSS_CONJUNCTIONS = {"that": [",", "dass"], "because": [",", "weil"]}
 
 
 def detokenize(text: str) -> str:
@@ -36,7 +52,9 @@ def detokenize(text: str) -> str:
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing off) in [0, 100]."""
+    """Corpus BLEU in [0, 100] with sacrebleu's defaults: 13a tokenisation, 4-gram precisions,
+    exponential smoothing (``smooth_method="exp"``: a zero n-gram count k is replaced by 1/2^k), so a
+    corpus with no 4-gram match still scores above 0 (copying the source scores ~0.1 here)."""
     import sacrebleu
 
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
@@ -58,14 +76,20 @@ class TranslationTask(Task):
     kind = "seq2seq"
     higher_is_better = True
     extra_splits = ("ding",)
+    # paper path (sparsekit.tasks.real): T5-small, whose pre-training mixture already includes WMT En->De
+    # (prompt "translate English to German: "), on WMT14 de-en; model/dataset: hub ids or local paths
     real = RealPath(
         model_id="google-t5/t5-small",
         dataset_id="wmt/wmt14",
         dataset_config="de-en",
-        splits={"train": "train", "validation": "validation", "test": "test", "calibration": "train[:1024]"},
         model_class="T5ForConditionalGeneration",
         row_fn=_wmt_row,
+        identity=lambda row: row["source"],
     )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gloss_tables: dict[str, dict[tuple[str, ...], list[str]]] = {}
 
     @cached_property
     def grammar(self):
@@ -81,6 +105,13 @@ class TranslationTask(Task):
 
         lex = self.grammar.lexicon
         return f"{GRAMMAR_VERSION}-n{len(lex.nouns)}v{len(lex.verbs)}a{len(lex.adjectives)}"
+
+    def generators(self, scale: str = "book") -> dict:
+        """Base versions plus the grammar's version and the Ding file's SHA-256."""
+        from sparsekit.tasks.ding import ding_sha256
+        from sparsekit.tasks.grammar import GRAMMAR_VERSION
+
+        return {**super().generators(scale), "grammar": GRAMMAR_VERSION, "ding_sha256": ding_sha256()}
 
     # ---- data ---------------------------------------------------------------------------------
     def _build_splits(self, scale: str) -> dict[str, list[dict]]:
@@ -144,12 +175,9 @@ class TranslationTask(Task):
         from transformers import T5Config
 
         if check_scale(scale) == "paper":
-            from transformers import AutoConfig
-
-            return AutoConfig.from_pretrained(self.real.model_id)
+            return self.real.load_config()
         tok = self.tokenizer(scale)
-        # d128/ffn512 beat d192/ffn768 here: BLEU 46.8 vs 16.6 at 2500 steps, and 70% magnitude pruning
-        # costs 81% of its margin over the baseline instead of 30% (measured with 1 thread, same data)
+        # chosen on validation: see SELECTION
         dims = {"smoke": (64, 128, 1, 2), "book": (128, 512, 2, 4)}[scale]
         d_model, d_ff, layers, heads = dims
         return T5Config(
@@ -196,7 +224,7 @@ class TranslationTask(Task):
 
     def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
         """``{"bleu", "chrf", "exact_match", "n"}`` of greedy translations against the references."""
-        rows = self.rows(split, scale)[:limit]
+        rows = self.rows(split, scale)[:limit]  # limit: checked by the base class (positive int or None)
         hyps = self.translate(model, [r["source"] for r in rows], scale)
         refs = [r["target"] for r in rows]
         return {
@@ -206,16 +234,73 @@ class TranslationTask(Task):
             "n": len(rows),
         }
 
-    def baseline(self, split: str = "test", scale: str = "book") -> dict:
-        """Copy the source sentence as its own translation."""
+    def gloss_table(self, scale: str = "book") -> dict[tuple[str, ...], list[str]]:
+        """English word sequence -> German words, from the lexicon the grammar draws on.
+
+        Nouns (singular and plural), verbs (base form -> infinitive, 3rd person singular -> the
+        finite form with its separable prefix after it), adjectives (uninflected), the grammar's
+        adverbs, prepositions and reporting verbs, :data:`GLOSS_CONJUNCTIONS`, and for ``the`` and
+        ``a``/``an`` the definite and indefinite article most frequent in the training targets of
+        ``scale`` (``die`` and ``ein``). The first entry of an English key wins (``fish`` glosses as
+        ``Fisch``).
+        """
+        if scale in self._gloss_tables:
+            return self._gloss_tables[scale]
+        from sparsekit.tasks.grammar import ADVERBS, DEFINITE, INDEFINITE, PREPOSITIONS, REPORTING
+
+        lex = self.grammar.lexicon
+        pairs = [(n.en, [n.de]) for n in lex.nouns] + [(n.en_plural, [n.de_plural]) for n in lex.nouns]
+        pairs += [(v.en_3sg, [v.de_3sg] + ([v.prefix] if v.prefix else [])) for v in lex.verbs]
+        pairs += [(v.en, [v.de]) for v in lex.verbs] + [(a.en, [a.de]) for a in lex.adjectives]
+        pairs += [(en, [de]) for de, en in ADVERBS + PREPOSITIONS]
+        for de_3sg, de_plural, en_3sg, en_plural in REPORTING:
+            pairs += [(en_3sg, [de_3sg]), (en_plural, [de_plural])]
+        pairs += list(GLOSS_CONJUNCTIONS.items())
+        counts = Counter(w for r in self.rows("train", scale) for w in r["target"].split())
+        for english, forms in (("the", DEFINITE), ("a", INDEFINITE), ("an", INDEFINITE)):
+            articles = sorted({a for by_gender in forms.values() for a in by_gender.values()})
+            pairs.append((english, [max(articles, key=lambda a: (counts[a], a))]))
+        table: dict[tuple[str, ...], list[str]] = {}
+        for en, de in pairs:
+            table.setdefault(tuple(_WORD.findall(en)), de)
+        self._gloss_tables[scale] = table
+        return table
+
+    def gloss(self, source: str, scale: str = "book") -> str:
+        """Word-for-word German gloss of ``source``: the task's word tokenization, then the longest
+        :meth:`gloss_table` match at each position (unknown words and punctuation copied), detokenized."""
+        table = self.gloss_table(scale)
+        words, out, i = _WORD.findall(source), [], 0
+        longest = max(len(k) for k in table)
+        while i < len(words):
+            for n in range(min(longest, len(words) - i), 0, -1):
+                if (key := tuple(words[i : i + n])) in table:
+                    out += table[key]
+                    i += n
+                    break
+            else:
+                out.append(words[i])
+                i += 1
+        return detokenize(" ".join(out))
+
+    def baselines(self, split: str = "test", scale: str = "book") -> dict[str, dict]:
+        """``{"copy source": {...}, "word-for-word gloss": {...}}``, each ``{"bleu", "chrf"}``."""
         rows = self.rows(split, scale)
-        sources, refs = [r["source"] for r in rows], [r["target"] for r in rows]
-        return {
-            "bleu": bleu(sources, refs),
-            "chrf": chrf(sources, refs),
-            "n": len(rows),
-            "baseline": "copy source",
-        }
+        refs = [r["target"] for r in rows]
+        if scale == "paper":
+            guesses = {"copy source": [r["source"] for r in rows]}
+        else:
+            guesses = {"copy source": [r["source"] for r in rows],
+                       "word-for-word gloss": [self.gloss(r["source"], scale) for r in rows]}
+        return {name: {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs)} for name, hyps in guesses.items()}
+
+    def baseline(self, split: str = "test", scale: str = "book") -> dict:
+        """The strongest baseline (highest BLEU on the validation split) scored on ``split``:
+        ``{"bleu", "chrf", "n", "baseline": name, "baselines": every baseline's scores}``."""
+        every = self.baselines(split, scale)
+        on_validation = every if split == "validation" else self.baselines("validation", scale)
+        best = max(on_validation, key=lambda name: on_validation[name]["bleu"])
+        return {**every[best], "n": len(self.rows(split, scale)), "baseline": best, "baselines": every}
 
     def examples(self, k: int = 3, split: str = "test", scale: str = "book", model=None) -> list[dict]:
         """The first ``k`` rows (``source``, ``target``), with the model's ``translation`` if given."""
