@@ -81,7 +81,9 @@ def test_references_score_perfectly_and_fit_the_generation_limit(task, monkeypat
     monkeypatch.setattr(task, "solve", lambda model, questions, *a, **k: [references[q] for q in questions])
     for split in ("train", *task.splits[1:]):
         rows = task.eval_rows(split, "smoke")
-        assert task.evaluate(None, split, scale="smoke") == {"accuracy": 1.0, "answered": 1.0, "n": len(rows)}
+        result = task.evaluate(None, split, scale="smoke")
+        assert result["accuracy"] == result["answered"] == 1.0 and result["n"] == len(rows)
+        assert set(result["by_template"].values()) == {1.0}
         longest = max(len(tok(" " + r["cot"])["input_ids"]) + 1 for r in rows)
         assert longest < task.generation_limit(split, "smoke"), split
 

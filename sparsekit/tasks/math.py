@@ -346,7 +346,7 @@ class MathTask(Task):
         check_scale(scale)
         if scale == "smoke":
             return TrainConfig(steps=10, batch_size=8, lr=3e-3, warmup=3, log_every=2)
-        return TrainConfig(steps=1200, batch_size=32, lr=2.5e-3, warmup=100, log_every=25)
+        return TrainConfig(steps=1000, batch_size=32, lr=2.5e-3, warmup=100, log_every=25, eval_every=500)
 
     # ---- batches ------------------------------------------------------------------------------
     def row_length(self, row: dict) -> int:
@@ -426,16 +426,65 @@ class MathTask(Task):
         return self._limits[key]
 
     def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
-        """``{"accuracy", "answered", "n"}``: exact match of the final number; share with a ``#### N``."""
+        """``{"accuracy", "answered", "n", "by_template"}``: exact match of the final number, share of
+        answers with a ``#### N``, rows scored, and accuracy per template."""
         rows = self.eval_rows(split, scale)[:limit]
         limit_tokens = self.generation_limit(split, scale)
         texts = self.solve(model, [r["question"] for r in rows], scale, max_new_tokens=limit_tokens)
         predicted = [final_number(t) for t in texts]
+        by_template: dict[int, list[bool]] = {}
+        for row, p in zip(rows, predicted):
+            by_template.setdefault(row["template"], []).append(p == row["answer"])
         return {
             "accuracy": accuracy(predicted, [r["answer"] for r in rows]),
             "answered": sum(p is not None for p in predicted) / len(rows),
             "n": len(rows),
+            "by_template": {t: sum(hits) / len(hits) for t, hits in sorted(by_template.items())},
         }
+
+    def problem_space(self, scale: str = "book") -> list[dict]:
+        """Per template (drills as template 0): its reasoning-gym difficulty, and per split its rows;
+        for train also its distinct identities."""
+        table = []
+        for template, difficulty in {**TEMPLATES, **HELDOUT_TEMPLATES, DRILL: None}.items():
+            entry = {"template": template, "difficulty": difficulty}
+            for split in self.splits:
+                rows = [r for r in self.rows(split, scale) if r["template"] == template]
+                entry[f"{split} rows"] = len(rows)
+                if split == "train":
+                    entry["train identities"] = len({identity(r) for r in rows})
+            table.append(entry)
+        return table
+
+    def seen_sums(self, split: str, scale: str = "book") -> float:
+        """Share of the sums (:func:`operations`) of ``split`` that a training word problem also does:
+        identities are unseen, but with numbers <= 99 most single additions and subtractions are not."""
+        train = set().union(
+            *(operations(r["cot"]) for r in self.rows("train", scale) if r["template"] != DRILL)
+        )
+        sums = [op for r in self.eval_rows(split, scale) for op in operations(r["cot"])]
+        return sum(op in train for op in sums) / len(sums)
+
+    def generalization_table(self, model, scale: str = "book") -> list[dict]:
+        """Per split (train sample, validation, test, heldout): the model's accuracy beside both
+        baselines, the rows, the decoding limit and the share of sums seen in training."""
+        table = []
+        for split in ("train", "validation", "test", "heldout"):
+            result, base = self.evaluate(model, split, scale=scale), self.baseline(split, scale)
+            table.append(
+                {
+                    "split": split,
+                    "model": result["accuracy"],
+                    "most_common": base["most_common"],
+                    "lookup": base["lookup"],
+                    "answered": result["answered"],
+                    "n": result["n"],
+                    "max_new_tokens": self.generation_limit(split, scale),
+                    "seen_sums": self.seen_sums(split, scale),
+                    **{f"template {t}": acc for t, acc in result["by_template"].items()},
+                }
+            )
+        return table
 
     def baseline(self, split: str = "test", scale: str = "book") -> dict:
         """The stronger of two answer-copying baselines, and both: ``most_common`` (always the most
@@ -454,6 +503,12 @@ class MathTask(Task):
         }
         best = max(scores, key=scores.get)
         return {"accuracy": scores[best], **scores, "n": len(rows), "baseline": best, "always": common}
+
+    def _train_callback(self, scale: str):
+        def validation_accuracy(step: int, model) -> dict:
+            return {"validation_accuracy": self.evaluate(model, "validation", scale=scale)["accuracy"]}
+
+        return validation_accuracy
 
     def examples(self, k: int = 3, split: str = "test", scale: str = "book", model=None) -> list[dict]:
         """The first ``k`` problems (question, cot, answer), with the model's ``solution`` if given."""
