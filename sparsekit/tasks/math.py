@@ -2,8 +2,9 @@
 
 Data: ``reasoning-gym``'s ``gsm_symbolic`` generators (Apache-2.0; templates derived from GSM8K),
 restricted to five add/subtract templates (:data:`TEMPLATES`; each run at a ``difficulty`` that widens
-its number ranges) with every number <= 99, so that a ~1.4M-parameter model learns them on a CPU in
-minutes. Each row is a question and a chain of thought ending in ``#### N``.
+its number ranges) with every number <= 99, so that a ~1.5M-parameter model learns them on a CPU in
+minutes. Each row is a question and a chain of thought ending in ``#### N``, in which every subtraction
+is worked digit by digit, units first, with the borrow written out (:func:`borrow_scratchpad`).
 
 A problem's *identity* is its template and the numbers of its chain of thought, i.e. the numbers that
 enter the arithmetic (names, objects and distractor numbers of the question do not count). Validation
@@ -31,7 +32,17 @@ import torch
 from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale, to_device
 from sparsekit.tasks.decoding import greedy_decode
 
-__all__ = ["MathTask", "final_number", "accuracy", "prompt", "identity", "operations", "TEMPLATES"]
+__all__ = [
+    "MathTask",
+    "final_number",
+    "accuracy",
+    "prompt",
+    "identity",
+    "operations",
+    "borrow_scratchpad",
+    "with_scratchpads",
+    "TEMPLATES",
+]
 
 TEMPLATES = {43: 4.0, 31: 4.0, 39: 1.0, 45: 2.0, 5: 1.0}  # gsm_symbolic template -> difficulty
 HELDOUT_TEMPLATES = {54: 1.0}
