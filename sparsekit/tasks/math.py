@@ -1,14 +1,24 @@
 """Grade-school math word problems with a tiny MPT (the paper: MPT-7B on GSM8K).
 
 Data: ``reasoning-gym``'s ``gsm_symbolic`` generators (Apache-2.0; templates derived from GSM8K),
-restricted to three add/subtract templates (43, 31, 39) with every number <= 99, so that a 1.4M-parameter
-model learns them on a CPU in minutes. Each row is a question and a chain of thought ending in
-``#### N``; unique questions are split by a seeded shuffle (test problems are new instances). An extra
-``heldout`` split holds problems of a template never trained on (54, two subtractions), reported
-separately.
+restricted to five add/subtract templates (:data:`TEMPLATES`; each run at a ``difficulty`` that widens
+its number ranges) with every number <= 99, so that a ~1.5M-parameter model learns them on a CPU in
+minutes. Each row is a question and a chain of thought ending in ``#### N``, in which every subtraction
+is worked digit by digit, units first, with the borrow written out (:func:`borrow_scratchpad`).
+
+A problem's *identity* is its template and the numbers of its chain of thought, i.e. the numbers that
+enter the arithmetic (names, objects and distractor numbers of the question do not count). Validation
+and test problems are drawn in equal numbers from every template, each with an identity that no
+training or calibration problem has, so the test measures arithmetic on unseen problems, not recall: a
+*lookup* baseline that copies the answer of a training problem with the same identity scores 0 there.
+The train split also holds arithmetic *drills* (``template`` 0: a few additions and subtractions with
+their results, none of them an operation of a validation, test or heldout problem). An extra
+``heldout`` split holds problems of a template never trained on (54, two subtractions).
+
 Tokenizer: byte-level BPE with every digit its own token, trained here. Training loss on the answer only
-(prompt positions labelled -100). Metric: exact-match accuracy of the final ``#### N`` number of a
-greedy answer; baseline: always answering the training set's most common answer.
+(prompt positions labelled -100). Metric: exact-match accuracy of the final ``#### N`` (an integer
+ending its line) of a greedy answer, decoded up to the longest reference answer of the split plus a
+margin. Baselines: the most common training answer, and the lookup above.
 """
 
 from __future__ import annotations
@@ -23,17 +33,41 @@ from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale, to_de
 from sparsekit.tasks.decoding import greedy_decode
 from sparsekit.tasks.mpt_checkpoint import load_mpt, mpt_config
 
-__all__ = ["MathTask", "final_number", "accuracy", "prompt"]
+__all__ = [
+    "MathTask",
+    "final_number",
+    "accuracy",
+    "prompt",
+    "identity",
+    "operations",
+    "borrow_scratchpad",
+    "with_scratchpads",
+    "TEMPLATES",
+]
 
-TRAIN_TEMPLATES = (43, 31, 39)
-HELDOUT_TEMPLATES = (54,)
+TEMPLATES = {43: 4.0, 31: 4.0, 39: 1.0, 45: 2.0, 5: 1.0}  # gsm_symbolic template -> difficulty
+HELDOUT_TEMPLATES = {54: 1.0}
+DRILL = 0  # ``template`` of the arithmetic drill rows
 MAX_NUMBER = 99
+SCRATCHPAD = True  # write every subtraction digit by digit (borrow_scratchpad) in the chains of thought
 SIZES = {
-    "smoke": {"train": 1000, "validation": 30, "test": 30, "calibration": 32, "heldout": 20},
-    "book": {"train": 30000, "validation": 300, "test": 300, "calibration": 512, "heldout": 200},
+    "smoke": {"train": 1000, "drills": 200, "validation": 30, "test": 30, "calibration": 32, "heldout": 20},
+    "book": {
+        "train": 30000,
+        "drills": 15000,
+        "validation": 300,
+        "test": 300,
+        "calibration": 512,
+        "heldout": 200,
+    },
 }
-MAX_NEW_TOKENS = {"smoke": 32, "book": 96, "paper": 512}  # book answers are <= 60 tokens
-_FINAL = re.compile(r"####\s*(-?[\d,]*\d)")
+DRILL_OPERATIONS = 4  # operations per drill row
+GENERATION_MARGIN = 16  # tokens allowed beyond the longest reference answer of a split
+MAX_NEW_TOKENS = {"paper": 512}
+_FINAL = re.compile(r"####[ \t]*(-?\d+)(?=\n|\Z)")
+_SUBTRACTION = re.compile(r"((\d+)(?: [a-z]+)? ?- ?(\d+)(?: [a-z]+)? ?= ?)(\d+)")
+_SCRATCH = re.compile(r"\([\d+=, -]*\) ")
+_OPERATION = re.compile(r"(?<!\d)(\d+)(?: [a-z]+)? ?([+-]) ?(\d+)(?: ?\+ ?(\d+))?")
 
 
 def prompt(question: str) -> str:
@@ -41,16 +75,68 @@ def prompt(question: str) -> str:
 
 
 def final_number(text: str) -> int | None:
-    """The integer after the first ``####`` (commas allowed), or ``None`` when there is none."""
-    match = _FINAL.search(text)
-    return int(match.group(1).replace(",", "")) if match else None
+    """The integer after the first ``####`` if only it follows on that line (``None`` otherwise).
+
+    Strict: ``#### 12`` and ``#### -3`` read as 12 and -3; ``#### 12.5``, ``#### 1,0`` and ``#### 7 apples``
+    read as ``None``.
+    """
+    head = text.find("####")
+    if head < 0:
+        return None
+    match = _FINAL.match(text, head)
+    return int(match.group(1)) if match else None
 
 
 def accuracy(predicted: list[int | None], answers: list[int]) -> float:
     """Fraction of exact matches (a missing prediction counts as wrong)."""
     if len(predicted) != len(answers):
         raise ValueError(f"predicted has {len(predicted)} items, answers {len(answers)}")
+    if not answers:
+        raise ValueError("accuracy of an empty list of answers is undefined")
     return sum(p is not None and p == a for p, a in zip(predicted, answers)) / len(answers)
+
+
+def identity(row: dict) -> tuple:
+    """``(template, numbers of the chain of thought)``: two problems with equal identity do the same sums."""
+    return (row["template"], tuple(int(x) for x in re.findall(r"\d+", _plain(row["cot"]))))
+
+
+def operations(cot: str) -> set[tuple]:
+    """The sums of a chain of thought as ``(a, "+", b)``, ``(a, "-", b)`` or ``(a, "+", b, "+", c)``
+    (a three-term sum also gives its first pair ``(a, "+", b)``)."""
+    found = set()
+    for a, op, b, c in _OPERATION.findall(_plain(cot)):
+        found.add((int(a), op, int(b)))
+        if c and op == "+":
+            found.add((int(a), "+", int(b), "+", int(c)))
+    return found
+
+
+def borrow_scratchpad(a: int, b: int) -> str:
+    """The digit-wise working of ``a - b`` (``0 <= b <= a <= 99``), units first, with the borrow explicit.
+
+    ``borrow_scratchpad(71, 38) == "(11-8=3, 7-1-3=3)"``; without a borrow ``(9-5=4, 7-3=4)``.
+    """
+    if not 0 <= b <= a <= MAX_NUMBER:
+        raise ValueError(f"a - b needs 0 <= b <= a <= {MAX_NUMBER}, got a={a!r}, b={b!r}")
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    if a0 >= b0:
+        return f"({a0}-{b0}={a0 - b0}, {a1}-{b1}={a1 - b1})"
+    return f"({a0 + 10}-{b0}={a0 + 10 - b0}, {a1}-1-{b1}={a1 - 1 - b1})"
+
+
+def with_scratchpads(cot: str) -> str:
+    """``cot`` with :func:`borrow_scratchpad` written before the result of every subtraction."""
+
+    def write(m: re.Match) -> str:
+        return f"{m.group(1)}{borrow_scratchpad(int(m.group(2)), int(m.group(3)))} {m.group(4)}"
+
+    return _SUBTRACTION.sub(write, cot)
+
+
+def _plain(cot: str) -> str:
+    """``cot`` without scratchpads (what :func:`identity` and :func:`operations` read)."""
+    return _SCRATCH.sub("", cot)
 
 
 def _gsm8k_row(row: dict) -> dict:
@@ -69,29 +155,88 @@ def _generator(template: int):
     return getattr(module, f"generate_{template}")
 
 
-def _problems(templates: tuple[int, ...], count: int, rng: random.Random, seen: set[str]) -> list[dict]:
-    """``count`` new problems (questions not in ``seen``) from ``templates`` with all numbers <= 99."""
-    rows = []
-    generators = [_generator(t) for t in templates]
-    for _ in range(200 * count):
-        index = rng.randrange(len(templates))
-        item = generators[index](rng)
+def _problem_stream(template: int, difficulty: float, rng: random.Random, limit: int):
+    """Up to ``limit`` draws of ``template``: rows with new question texts and every number <= 99."""
+    generate, seen = _generator(template), set()
+    for _ in range(limit):
+        item = generate(rng, difficulty)
         cot = item["metadata"]["answer_cot"]
         numbers = [int(x) for x in re.findall(r"\d+", item["question"] + cot)]
         if max(numbers) > MAX_NUMBER or item["question"] in seen:
             continue
         seen.add(item["question"])
-        rows.append(
-            {
-                "question": item["question"],
-                "cot": cot,
-                "answer": int(item["metadata"]["answer_value"]),
-                "template": templates[index],
+        yield {
+            "question": item["question"],
+            "cot": with_scratchpads(cot) if SCRATCHPAD else cot,
+            "answer": int(item["metadata"]["answer_value"]),
+            "template": template,
+        }
+
+
+def _template_splits(template: int, difficulty: float, counts: dict[str, int], seed: str) -> dict:
+    """Rows of one template: ``counts["validation"] + counts["test"]`` problems of distinct identities
+    first (one row each), then train and calibration rows whose identities are none of those."""
+    held = counts["validation"] + counts["test"]
+    wanted = held + counts["train"] + counts["calibration"]
+    reserved: dict[tuple, dict] = {}
+    rest: list[dict] = []
+    rest_keys: set[tuple] = set()
+    for row in _problem_stream(template, difficulty, random.Random(seed), 200 * wanted):
+        key = identity(row)
+        if len(reserved) < held and key not in reserved and key not in rest_keys:
+            reserved[key] = row
+        elif key not in reserved and len(rest) < counts["train"] + counts["calibration"]:
+            rest.append(row)
+            rest_keys.add(key)
+        if len(reserved) == held and len(rest) == counts["train"] + counts["calibration"]:
+            held_rows = list(reserved.values())
+            return {
+                "validation": held_rows[: counts["validation"]],
+                "test": held_rows[counts["validation"] :],
+                "calibration": rest[: counts["calibration"]],
+                "train": rest[counts["calibration"] :],
             }
-        )
-        if len(rows) == count:
-            return rows
-    raise RuntimeError(f"templates {templates} gave only {len(rows)} new problems, {count} requested")
+    raise RuntimeError(f"template {template} gave too few problems for {counts}")
+
+
+def _balanced(total: int, keys) -> dict:
+    """``total`` split as evenly as possible over ``keys`` (the first ones get the remainder)."""
+    keys = list(keys)
+    return {k: total // len(keys) + (i < total % len(keys)) for i, k in enumerate(keys)}
+
+
+def _drill_sum(rng: random.Random) -> tuple:
+    """A random sum of numbers <= 99: ``(a, "-", b)``, ``(a, "+", b)`` or ``(a, "+", b, "+", c)``;
+    uniform over the valid operands of its kind (weights 0.45 / 0.4 / 0.15: subtraction is hardest)."""
+    kind = rng.choices(("-", "+", "++"), weights=(0.45, 0.4, 0.15))[0]
+    if kind == "-":
+        a = rng.randint(1, MAX_NUMBER)
+        return (a, "-", rng.randint(0, a))
+    while True:
+        terms = [rng.randint(1, MAX_NUMBER) for _ in range(len(kind) + 1)]
+        if sum(terms) <= MAX_NUMBER:
+            return tuple(x for t in terms for x in (t, "+"))[:-1]
+
+
+def _drills(count: int, rng: random.Random, excluded: set[tuple]) -> list[dict]:
+    """``count`` drill rows of :data:`DRILL_OPERATIONS` sums each, none of them in ``excluded``."""
+    rows = []
+    while len(rows) < count:
+        asked, lines, value = [], [], 0
+        while len(asked) < DRILL_OPERATIONS:
+            op = _drill_sum(rng)
+            sep = " " if rng.random() < 0.8 else ""  # template 45 writes its sums without spaces
+            text = sep.join(str(x) for x in op)
+            if operations(text) & excluded:
+                continue
+            value = op[0] - op[2] if op[1] == "-" else sum(op[0::2])
+            asked.append(text)
+            lines.append(f"{text}{sep}={sep}{value}")
+        question = "Work out " + ", ".join(asked[:-1]) + " and " + asked[-1] + "."
+        cot = "\n".join(lines) + f"\n#### {value}"
+        cot = with_scratchpads(cot) if SCRATCHPAD else cot
+        rows.append({"question": question, "cot": cot, "answer": value, "template": DRILL})
+    return rows
 
 
 def _max_positions(model) -> int:
@@ -107,7 +252,9 @@ class MathTask(Task):
     metric = "accuracy"
     kind = "causal"
     higher_is_better = True
-    data_version = "m1-" + "-".join(map(str, TRAIN_TEMPLATES)) + f"-le{MAX_NUMBER}"
+    data_version = (
+        "m2-" + "-".join(map(str, TEMPLATES)) + f"-le{MAX_NUMBER}-identity-drills" + "-borrow" * SCRATCHPAD
+    )
     extra_splits = ("heldout",)
     # paper path (sparsekit.tasks.real): the paper's dense GSM8K teacher (MPT-7B fine-tuned on GSM8K by the
     # paper's authors), loaded with transformers' own MPT classes (sparsekit.tasks.mpt_checkpoint); GSM8K has
@@ -125,18 +272,33 @@ class MathTask(Task):
         identity=lambda row: row["question"],
     )
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._limits: dict[tuple[str, str], int] = {}
+
     # ---- data ---------------------------------------------------------------------------------
     def _build_splits(self, scale: str) -> dict[str, list[dict]]:
         sizes = SIZES[scale]
-        rng = random.Random(f"math-{scale}")
-        seen: set[str] = set()
-        pool = _problems(TRAIN_TEMPLATES, sum(v for k, v in sizes.items() if k != "heldout"), rng, seen)
-        random.Random(0).shuffle(pool)
-        splits, start = {}, 0
-        for split in ("test", "validation", "calibration", "train"):
-            splits[split] = pool[start : start + sizes[split]]
-            start += sizes[split]
-        splits["heldout"] = _problems(HELDOUT_TEMPLATES, sizes["heldout"], rng, seen)
+        per_template = {
+            split: _balanced(sizes[split], TEMPLATES)
+            for split in ("train", "validation", "test", "calibration")
+        }
+        splits: dict[str, list[dict]] = {split: [] for split in per_template}
+        for template, difficulty in TEMPLATES.items():
+            counts = {split: per_template[split][template] for split in per_template}
+            for split, rows in _template_splits(
+                template, difficulty, counts, f"math-{scale}-{template}"
+            ).items():
+                splits[split].extend(rows)
+        ((template, difficulty),) = HELDOUT_TEMPLATES.items()
+        counts = {"validation": 0, "test": sizes["heldout"], "train": 0, "calibration": 0}
+        splits["heldout"] = _template_splits(template, difficulty, counts, f"math-{scale}-{template}")["test"]
+        excluded = set().union(
+            *(operations(r["cot"]) for s in ("validation", "test", "heldout") for r in splits[s])
+        )
+        splits["train"] += _drills(sizes["drills"], random.Random(f"math-{scale}-drills"), excluded)
+        for split, rows in splits.items():  # mix the templates (a prefix ``[:limit]`` stays balanced-ish)
+            random.Random(f"math-{scale}-{split}").shuffle(rows)
         return splits
 
     # ---- tokenizer ----------------------------------------------------------------------------
@@ -150,7 +312,7 @@ class MathTask(Task):
         )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size={"smoke": 400, "book": 600}[scale],
+            vocab_size=1000,  # more than the merges these texts allow: every word of train is one token
             special_tokens=["<pad>", "<eos>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
@@ -179,7 +341,7 @@ class MathTask(Task):
             n_heads=heads,
             n_layers=layers,
             expansion_ratio=4,
-            max_seq_len=320,
+            max_seq_len=384,  # ALiBi table: the longest prompt plus its generation limit
             vocab_size=len(tok),
         )
         if config.resid_pdrop or config.emb_pdrop or config.attn_config.attn_pdrop:
@@ -195,7 +357,9 @@ class MathTask(Task):
         check_scale(scale)
         if scale == "smoke":
             return TrainConfig(steps=10, batch_size=8, lr=3e-3, warmup=3, log_every=2)
-        return TrainConfig(steps=1200, batch_size=32, lr=2.5e-3, warmup=100, log_every=25)
+        # chosen on validation between two measured runs (1 thread, 0.7 s/step): 1000 steps -> accuracy
+        # 0.040; 1500 steps -> 0.057 (0.003 / 0.030 at steps 500 / 1000); both underfit (train ~ test)
+        return TrainConfig(steps=1500, batch_size=32, lr=2.5e-3, warmup=100, log_every=25, eval_every=500)
 
     # ---- batches ------------------------------------------------------------------------------
     def row_length(self, row: dict) -> int:
@@ -250,31 +414,125 @@ class MathTask(Task):
             tok.padding_side = side
         return [text.strip() for text in out]
 
+    def eval_rows(self, split: str, scale: str = "book") -> list[dict]:
+        """The rows scored for ``split``; for ``train`` a template-balanced sample of its word problems
+        (as many as the test split, drills left out), to measure the generalization gap beside test."""
+        if split != "train" or check_scale(scale) == "paper":
+            return self.rows(split, scale)
+        quota = _balanced(len(self.rows("test", scale)), TEMPLATES)
+        sample = []
+        for row in self.rows("train", scale):
+            if quota.get(row["template"], 0) > 0:
+                quota[row["template"]] -= 1
+                sample.append(row)
+        return sample
+
+    def generation_limit(self, split: str, scale: str = "book") -> int:
+        """New tokens decoded for ``split``: its longest reference answer (with EOS) plus a margin."""
+        if check_scale(scale) == "paper":
+            return MAX_NEW_TOKENS["paper"]
+        key = (split, scale)
+        if key not in self._limits:
+            tok = self.tokenizer(scale)
+            longest = max(len(tok(" " + r["cot"])["input_ids"]) + 1 for r in self.eval_rows(split, scale))
+            self._limits[key] = longest + GENERATION_MARGIN
+        return self._limits[key]
+
     def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
-        """``{"accuracy", "answered", "n"}``: exact match of the final number; share with a ``####``."""
-        rows = self.rows(split, scale)[:limit]
-        texts = self.solve(model, [r["question"] for r in rows], scale, max_new_tokens=MAX_NEW_TOKENS[scale])
+        """``{"accuracy", "answered", "n", "by_template"}``: exact match of the final number, share of
+        answers with a ``#### N``, rows scored, and accuracy per template."""
+        rows = self.eval_rows(split, scale)[:limit]
+        limit_tokens = self.generation_limit(split, scale)
+        texts = self.solve(model, [r["question"] for r in rows], scale, max_new_tokens=limit_tokens)
         predicted = [final_number(t) for t in texts]
+        by_template: dict[int, list[bool]] = {}
+        for row, p in zip(rows, predicted):
+            by_template.setdefault(row["template"], []).append(p == row["answer"])
         return {
             "accuracy": accuracy(predicted, [r["answer"] for r in rows]),
             "answered": sum(p is not None for p in predicted) / len(rows),
             "n": len(rows),
+            "by_template": {t: sum(hits) / len(hits) for t, hits in sorted(by_template.items())},
         }
 
+    def problem_space(self, scale: str = "book") -> list[dict]:
+        """Per template (drills as template 0): its reasoning-gym difficulty, and per split its rows;
+        for train also its distinct identities."""
+        table = []
+        for template, difficulty in {**TEMPLATES, **HELDOUT_TEMPLATES, DRILL: None}.items():
+            entry = {"template": template, "difficulty": difficulty}
+            for split in self.splits:
+                rows = [r for r in self.rows(split, scale) if r["template"] == template]
+                entry[f"{split} rows"] = len(rows)
+                if split == "train":
+                    entry["train identities"] = len({identity(r) for r in rows})
+            table.append(entry)
+        return table
+
+    def seen_sums(self, split: str, scale: str = "book") -> float:
+        """Share of the sums (:func:`operations`) of ``split`` that a training word problem also does:
+        identities are unseen, but with numbers <= 99 most single additions and subtractions are not."""
+        train = set().union(
+            *(operations(r["cot"]) for r in self.rows("train", scale) if r["template"] != DRILL)
+        )
+        sums = [op for r in self.eval_rows(split, scale) for op in operations(r["cot"])]
+        return sum(op in train for op in sums) / len(sums)
+
+    def generalization_table(self, model, scale: str = "book") -> list[dict]:
+        """Per split (train sample, validation, test, heldout): the model's accuracy beside both
+        baselines, the rows, the decoding limit and the share of sums seen in training."""
+        table = []
+        for split in ("train", "validation", "test", "heldout"):
+            result, base = self.evaluate(model, split, scale=scale), self.baseline(split, scale)
+            table.append(
+                {
+                    "split": split,
+                    "model": result["accuracy"],
+                    "most_common": base["most_common"],
+                    "lookup": base["lookup"],
+                    "answered": result["answered"],
+                    "n": result["n"],
+                    "max_new_tokens": self.generation_limit(split, scale),
+                    "seen_sums": self.seen_sums(split, scale),
+                    **{f"template {t}": acc for t, acc in result["by_template"].items()},
+                }
+            )
+        return table
+
     def baseline(self, split: str = "test", scale: str = "book") -> dict:
-        """Always answer the most common answer of the training split."""
-        common = Counter(r["answer"] for r in self.rows("train", scale)).most_common(1)[0][0]
-        rows = self.rows(split, scale)
-        return {
-            "accuracy": accuracy([common] * len(rows), [r["answer"] for r in rows]),
-            "n": len(rows),
-            "baseline": f"always {common}",
+        """The stronger of two answer-copying baselines, and both: ``most_common`` (always the most
+        common answer of the training word problems) and ``lookup`` (the answer of a training problem
+        with the same :func:`identity`; wrong when there is none, so 0 on validation and test)."""
+        rows = self.eval_rows(split, scale)
+        train = [r for r in self.rows("train", scale) if r["template"] != DRILL]
+        common = Counter(r["answer"] for r in train).most_common(1)[0][0]
+        known: dict[tuple, int] = {}
+        for r in train:
+            known.setdefault(identity(r), r["answer"])
+        answers = [r["answer"] for r in rows]
+        scores = {
+            "most_common": accuracy([common] * len(rows), answers),
+            "lookup": accuracy([known.get(identity(r)) for r in rows], answers),
         }
+        best = max(scores, key=scores.get)
+        return {"accuracy": scores[best], **scores, "n": len(rows), "baseline": best, "always": common}
+
+    def _train_callback(self, scale: str):
+        def validation_accuracy(step: int, model) -> dict:
+            return {"validation_accuracy": self.evaluate(model, "validation", scale=scale)["accuracy"]}
+
+        return validation_accuracy
 
     def examples(self, k: int = 3, split: str = "test", scale: str = "book", model=None) -> list[dict]:
         """The first ``k`` problems (question, cot, answer), with the model's ``solution`` if given."""
         rows = [dict(r) for r in self.rows(split, scale)[:k]]
         if model is not None:
-            for row, text in zip(rows, self.solve(model, [r["question"] for r in rows], scale)):
+            texts = self.solve(
+                model,
+                [r["question"] for r in rows],
+                scale,
+                max_new_tokens=self.generation_limit(split, scale),
+            )
+            for row, text in zip(rows, texts):
                 row["solution"] = text
         return rows
