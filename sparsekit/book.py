@@ -71,7 +71,7 @@ def stage_sources(stage: Path, root: Path = ROOT) -> None:
         shutil.copy2(root / name, stage / name)
     ignore = shutil.ignore_patterns("_executed", "_build")
     shutil.copytree(root / "book", stage / "book", ignore=ignore, dirs_exist_ok=True)
-    for extra in ("kernels/results",):
+    for extra in ("_static", "kernels/results"):
         if (root / extra).exists():
             shutil.copytree(root / extra, stage / extra, dirs_exist_ok=True)
 
