@@ -59,3 +59,52 @@ def test_recovery_experiment_chooses_on_validation_and_reports_on_test():
     table = recovery_table(results)
     assert list(table.index) == ["50%", "80%"] and "dense teacher" in table.columns
     assert set(compare_losses(results).loss) == {"CE+KD", "SquareHead", "CE+SquareHead"}
+
+
+def _synthetic_results(higher_is_better=True):
+    """A hand-built RecoveryResults: one-shot 0.2 at 80 %, dense 0.6, CE 0.3 / 0.5 over two seeds, and
+    CE+SquareHead 0.5 / 0.7; validation sweep over 100 and 400 rows."""
+    import pandas as pd
+
+    from sparsekit.distill.experiment import RecoveryResults
+
+    config = RecoveryConfig(patterns=("80%",), steps=1, batch_size=1, lr=1e-3, warmup=0,
+                            train_sizes=(100, 400),
+                            losses=("CE", "CE+SquareHead"), headline=("80%",), sweep_pattern="80%",
+                            sweep_losses=("CE",))
+    rows = []
+    for loss, values, spikes in (("CE", (0.3, 0.5), (2, 1)), ("CE+SquareHead", (0.5, 0.7), (0, 0))):
+        for seed, (value, spike) in enumerate(zip(values, spikes)):
+            rows.append(dict(pattern="80%", sparsity=0.8, loss=loss, seed=seed, train_size=400, split="test",
+                             value=value, spikes=spike, max_grad_norm=1.0 + seed, final_loss=0.1,
+                             train_s=1.0))
+    for size, value in ((100, 0.3), (400, 0.4)):
+        rows.append(dict(pattern="80%", sparsity=0.8, loss="CE", seed=0, train_size=size, split="validation",
+                         value=value, spikes=0, max_grad_norm=1.0, final_loss=0.1, train_s=1.0))
+    return RecoveryResults(task="math", metric="accuracy", higher_is_better=higher_is_better, config=config,
+                           runs=pd.DataFrame(rows), one_shot=pd.DataFrame([dict(pattern="80%", sparsity=0.8,
+                                                                                 value=0.2)]),
+                           reference=dict(dense=0.6, baseline=0.01, baseline_name="most common",
+                                          dense_validation=0.6, parameters=1),
+                           curves={}, train_size=400, size_key=400, seconds={})
+
+
+def test_findings_read_every_number_from_the_results():
+    from sparsekit.distill.report import findings, gap_closed
+
+    assert gap_closed(0.4, 0.2, 0.6) == pytest.approx(0.5)
+    assert gap_closed(30.0, 50.0, 10.0) == pytest.approx(0.5)  # lower-is-better metric: same share
+    text = findings(_synthetic_results())
+    assert "best loss is **CE+SquareHead** (0.600 against 0.200 one-shot and 0.600 dense)" in text
+    assert "CE 50%, CE+SquareHead 100%" in text  # CE mean 0.4 closes half of 0.2 -> 0.6
+    assert "CE 3, CE+SquareHead 0" in text  # spikes summed over seeds
+    assert "400 training rows, chosen on validation among 100, 400" in text
+    assert "No sparse student's worst seed beats the dense teacher" in text  # worst seed 0.5 < 0.6
+
+
+def test_findings_name_a_student_whose_worst_seed_beats_the_teacher():
+    from sparsekit.distill.report import findings
+
+    results = _synthetic_results()
+    results.reference["dense"] = 0.45
+    assert "Worst seed above the dense teacher: CE+SquareHead at 80%." in findings(results)

@@ -10,7 +10,7 @@ import pandas as pd
 from sparsekit.distill.experiment import RecoveryResults, compare_losses, parse_pattern, seed_spread
 
 __all__ = ["axis_label", "plot_recovery", "plot_loss_curves", "plot_data_sweep", "stability_table",
-           "data_sweep_table", "recovery_text", "beats_teacher"]
+           "data_sweep_table", "recovery_text", "beats_teacher", "gap_closed", "findings"]
 
 METRIC_LABELS = {"bleu": "BLEU", "wer": "WER (%)", "accuracy": "accuracy"}
 
@@ -184,3 +184,53 @@ def recovery_text(results: RecoveryResults) -> str:
                 lines.append("Worse than CE by more than the seed spread: " + "; ".join(
                     f"{r.loss} at {r.pattern}" for r in worse.itertuples()) + ".")
     return " ".join(lines)
+
+
+def gap_closed(value: float, one_shot: float, dense: float) -> float:
+    """Share of the one-shot → dense gap that fine-tuning closes: ``(value − one_shot) / (dense − one_shot)``
+    (1 = back to the dense teacher, 0 = no better than one-shot; the sign convention of the metric cancels).
+    ``nan`` when one-shot already equals the teacher."""
+    return float("nan") if dense == one_shot else (value - one_shot) / (dense - one_shot)
+
+
+def findings(results: RecoveryResults) -> str:
+    """The chapter's closing Markdown bullets, every number read from ``results``: the share of the
+    one-shot gap each loss closes at the headline patterns, the best loss there, loss spikes at the
+    highest sparsity, the fine-tuning set chosen on validation, and whether a student beats its teacher."""
+    spread = seed_spread(results)
+    shot = results.one_shot.set_index("pattern")["value"]
+    dense = results.reference["dense"]
+    sign = 1.0 if results.higher_is_better else -1.0
+    bullets = []
+    for pattern in results.config.headline:
+        cells = spread[spread.pattern == pattern].set_index("loss")["mean"]
+        best = (sign * cells).idxmax()
+        lead = (f"the best loss is **{best}** ({_fmt(results, cells[best])}" if cells.nunique() > 1
+                else f"every loss scores the same ({_fmt(results, cells[best])}")
+        text = (f"At {pattern}, {lead} against {_fmt(results, shot[pattern])} one-shot and "
+                f"{_fmt(results, dense)} dense).")
+        if dense == shot[pattern]:
+            text += " One-shot already equals the dense teacher here: there is no gap to close."
+        else:
+            text += " Share of the one-shot → dense gap closed (mean over seeds): " + ", ".join(
+                f"{loss} {gap_closed(cells[loss], shot[pattern], dense):.0%}" for loss in cells.index) + "."
+        bullets.append(text)
+    highest = _highest(results)
+    stability = stability_table(results)
+    stability = stability[stability.pattern == highest]
+    bullets.append(f"Stability at {highest}: loss spikes per loss (summed over seeds) "
+                   + ", ".join(f"{r.loss} {int(r.spikes)}" for r in stability.itertuples())
+                   + "; largest gradient norm " + ", ".join(f"{r.loss} {r.max_grad_norm:.2g}"
+                                                            for r in stability.itertuples()) + ".")
+    sweep = data_sweep_table(results)
+    if not sweep.empty:
+        sizes = ", ".join(str(size) for size in sorted(set(sweep.train_size)))
+        bullets.append(f"Fine-tuning set: {results.train_size} training rows, chosen on validation among "
+                       f"{sizes}.")
+    else:
+        bullets.append(f"Fine-tuning set: {results.train_size} training rows, fixed by the configuration.")
+    winners = beats_teacher(results)
+    bullets.append("No sparse student's worst seed beats the dense teacher on test." if winners.empty else
+                   "Worst seed above the dense teacher: " + "; ".join(
+                       f"{r.loss} at {r.pattern}" for r in winners.itertuples()) + ".")
+    return "\n".join(f"* {b}" for b in bullets)
