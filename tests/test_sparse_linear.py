@@ -89,6 +89,29 @@ def test_a_registered_kernel_is_used_first():
         _KERNELS[("bitmask", "cpu")] = [e for e in _KERNELS[("bitmask", "cpu")] if e.name != "test-fake"]
 
 
+def test_a_two_argument_rule_gets_the_weight_and_its_errors_are_not_swallowed():
+    seen = []
+
+    def rule(sparsity, weight):
+        seen.append(weight.format)
+        return 8
+
+    def broken(sparsity, weight):
+        raise TypeError("a bug inside the rule")
+
+    fake = KernelEntry("test-fake", lambda x, w: F.linear(x, w.to_dense().to(x.dtype)), rule)
+    register_kernel("bitmask", "cpu", fake)
+    try:
+        sparse = SparseLinear.from_linear(pruned_linear(), format="bitmask")
+        sparse(torch.randn(3, 40))
+        assert seen == ["bitmask"]
+        _KERNELS[("bitmask", "cpu")][0] = KernelEntry("test-fake", fake.run, broken)
+        with pytest.raises(TypeError, match="a bug inside the rule"):
+            sparse(torch.randn(3, 40))
+    finally:
+        _KERNELS[("bitmask", "cpu")] = [e for e in _KERNELS[("bitmask", "cpu")] if e.name != "test-fake"]
+
+
 def test_state_dict_keeps_the_mask_and_loads_other_non_zero_counts():
     source = SparseLinear.from_linear(pruned_linear(sparsity=0.6, seed=1), format="bitmask")
     target = SparseLinear.from_linear(pruned_linear(sparsity=0.8, seed=2), format="bitmask")

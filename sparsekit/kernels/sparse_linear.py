@@ -15,6 +15,7 @@ dequantizes. A GPU kernel joins with ``register_kernel("bitmask", "cuda", Kernel
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -58,11 +59,17 @@ def register_kernel(format: str, device_type: str, entry: KernelEntry, first: bo
     entries.insert(0 if first else len(entries), entry)
 
 
+def _takes_weight(rule) -> bool:
+    """Whether a ``max_batch`` rule takes ``(sparsity, weight)`` rather than ``(sparsity)`` alone."""
+    params = inspect.signature(rule).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 def _max_batch(entry: KernelEntry, weight: SparseWeight) -> int:
-    try:
+    if _takes_weight(entry.max_batch):
         return entry.max_batch(weight.sparsity, weight)
-    except TypeError:  # a rule of one argument (the sparsity), as registered by other kernels
-        return entry.max_batch(weight.sparsity)
+    return entry.max_batch(weight.sparsity)
 
 
 def select_kernel(weight: SparseWeight, device_type: str, x_dtype: torch.dtype,
