@@ -196,7 +196,8 @@ def gap_closed(value: float, one_shot: float, dense: float) -> float:
 def findings(results: RecoveryResults) -> str:
     """The chapter's closing Markdown bullets, every number read from ``results``: the share of the
     one-shot gap each loss closes at the headline patterns, the best loss there, loss spikes at the
-    highest sparsity, the fine-tuning set chosen on validation, and whether a student beats its teacher."""
+    headline patterns and the highest sparsity, the fine-tuning set chosen on validation, and whether a
+    student beats its teacher."""
     spread = seed_spread(results)
     shot = results.one_shot.set_index("pattern")["value"]
     dense = results.reference["dense"]
@@ -215,13 +216,13 @@ def findings(results: RecoveryResults) -> str:
             text += " Share of the one-shot → dense gap closed (mean over seeds): " + ", ".join(
                 f"{loss} {gap_closed(cells[loss], shot[pattern], dense):.0%}" for loss in cells.index) + "."
         bullets.append(text)
-    highest = _highest(results)
     stability = stability_table(results)
-    stability = stability[stability.pattern == highest]
-    bullets.append(f"Stability at {highest}: loss spikes per loss (summed over seeds) "
-                   + ", ".join(f"{r.loss} {int(r.spikes)}" for r in stability.itertuples())
-                   + "; largest gradient norm " + ", ".join(f"{r.loss} {r.max_grad_norm:.2g}"
-                                                            for r in stability.itertuples()) + ".")
+    for pattern in dict.fromkeys((*results.config.headline, _highest(results))):
+        rows = stability[stability.pattern == pattern]
+        bullets.append(f"Stability at {pattern}: loss spikes per loss (summed over seeds) "
+                       + ", ".join(f"{r.loss} {int(r.spikes)}" for r in rows.itertuples())
+                       + "; largest gradient norm " + ", ".join(f"{r.loss} {r.max_grad_norm:.2g}"
+                                                                for r in rows.itertuples()) + ".")
     sweep = data_sweep_table(results)
     if not sweep.empty:
         sizes = ", ".join(str(size) for size in sorted(set(sweep.train_size)))
