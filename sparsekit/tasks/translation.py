@@ -40,12 +40,12 @@ LEXICON_NOUNS, LEXICON_ADJECTIVES = 72, 24
 SELECTION = (
     {"candidate": "T5 d128, FFN 512, 2+2 layers, 2500 steps", "validation BLEU": 39.4,
      "after 70% magnitude": 13.3, "gloss baseline": 26.6, "train wall s": 241, "chosen": True,
-     "note": "BLEU and time from make book (38.1 in the width run); pruned BLEU from the width run"},
+     "note": "make book (width run: 38.1)"},
     {"candidate": "T5 d192, FFN 768, 2+2 layers, 2500 steps", "validation BLEU": 18.2,
      "after 70% magnitude": 14.0, "gloss baseline": 26.6, "train wall s": 1848, "chosen": False,
      "note": "width run, contended"},
     {"candidate": "T5 d128, FFN 512, 2+2 layers, 2000 steps", "validation BLEU": 38.0,
-     "gloss baseline": 26.6, "train wall s": 115, "chosen": False, "note": "quiet machine"},
+     "gloss baseline": 26.6, "train wall s": 115, "chosen": False, "note": "quiet"},
 )
 PAPER_PREFIX = "translate English to German: "
 # the gloss of the grammar's conjunctions, with the comma German always writes before them
