@@ -24,6 +24,22 @@ def test_every_toc_notebook_exists_with_a_parameters_cell_and_no_outputs():
         assert not any(c.get("outputs") for c in code), f"{name}: outputs must be stripped"
 
 
+def test_every_cell_has_a_unique_id():
+    for name in book.book_notebooks():
+        nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        ids = [c.get("id") for c in nb["cells"]]
+        assert None not in ids, f"{name}: cell {ids.index(None)} has no id (nbformat 4.5 needs one)"
+        assert len(ids) == len(set(ids)), f"{name}: duplicate cell ids"
+
+
+def test_every_chapter_ends_with_what_it_found():
+    for name in book.book_notebooks():
+        nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        headings = [line for c in nb["cells"] if c["cell_type"] == "markdown"
+                    for line in "".join(c["source"]).splitlines() if line.startswith("#")]
+        assert headings[-1] == "## What this chapter found", f"{name}: its last section is {headings[-1]!r}"
+
+
 def test_toc_parsing_and_missing_notebook(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "_toc.yml").write_text(
