@@ -168,3 +168,32 @@ def test_ce_component_equals_the_models_own_loss(tmp_path, make, rows):
     with torch.no_grad():
         expected = model(**batch).loss.item()
         assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lengths_group_batches_and_cut_padding():
+    from sparsekit.distill.finetune import finetune, pad_collate
+
+    g = torch.Generator().manual_seed(0)
+    # enough rows that transformers' megabatches (up to 50 batches, sorted by length) hold many batches
+    lengths = [4 + (7 * i) % 28 for i in range(400)]
+    rows = [{"input_ids": torch.randint(2, 60, (n,), generator=g)} for n in lengths]
+
+    def padding_of(**kwargs) -> float:
+        real = padded = 0
+
+        def collate(batch):
+            nonlocal real, padded
+            out = pad_collate(batch)
+            real, padded = real + int(out["attention_mask"].sum()), padded + out["attention_mask"].numel()
+            return out
+
+        teacher = tiny_mpt()
+        finetune(pruned_copy(teacher), teacher, rows, collate, "CE", steps=8, batch_size=4, lr=1e-3, warmup=1,
+                 **kwargs)
+        return 1 - real / padded
+
+    random, grouped = padding_of(), padding_of(lengths=lengths)
+    assert random > 0.2 and grouped < random / 4, (random, grouped)
+    with pytest.raises(ValueError, match="lengths must give one length per training row"):
+        finetune(pruned_copy(tiny_mpt()), tiny_mpt(), rows, pad_collate, "CE", steps=1, batch_size=8,
+                 lengths=lengths[:-1])

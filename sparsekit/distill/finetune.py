@@ -45,14 +45,16 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
              steps: int | None = None, epochs: float | None = None, lr: float = 1e-4, batch_size: int = 8,
              warmup: int = 20, weight_decay: float = 0.0, temperature: float = 1.0,
              max_grad_norm: float = 1.0, lora_rank: int | None = None, seed: int = 0,
-             output_dir: str | None = None, progress: bool = False, log_steps: int = 1) -> FinetuneResult:
+             output_dir: str | None = None, progress: bool = False, log_steps: int = 1,
+             lengths: Sequence[int] | None = None) -> FinetuneResult:
     """Fine-tune ``student`` (pruned; its zeros are frozen as its mask) on ``rows`` with ``loss``.
 
     ``rows``: the training examples (any sequence); ``collate(list of rows) -> batch`` with ``labels``.
     Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. ``lora_rank``: train LoRA
     adapters of that rank instead of the weights, then merge them through the mask. The student is
     trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
-    with LoRA, the returned model is the merged base model.
+    with LoRA, the returned model is the merged base model. ``lengths`` (one per row, e.g. tokens):
+    batches of rows of similar length instead of random ones (less padding; see :class:`SparseTrainer`).
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -80,7 +82,7 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
             report_to=[], disable_tqdm=not progress, seed=seed, data_seed=seed, remove_unused_columns=False,
             dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
         trainer = SparseTrainer(model, args, teacher=teacher, loss=weights, temperature=temperature,
-                                train_dataset=list(rows), data_collator=collate)
+                                train_dataset=list(rows), data_collator=collate, lengths=lengths)
         trainer.remove_callback(PrinterCallback)
         if not progress:
             trainer.remove_callback(ProgressCallback)

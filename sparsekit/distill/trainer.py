@@ -107,7 +107,9 @@ class SparseTrainer(transformers.Trainer):
     Parameters (beyond ``Trainer``'s): ``teacher`` (a dense model with the student's architecture; for
     ``kd`` and ``squarehead``), ``loss`` (a mix for :func:`parse_loss_mix`: ``"CE+SquareHead"``,
     ``{"ce": 1, "squarehead": 1}``, ...), ``temperature`` of KD, ``freeze`` (freeze the student's
-    zeros as its mask; default True, ignored for a peft model whose base weights are frozen anyway).
+    zeros as its mask; default True, ignored for a peft model whose base weights are frozen anyway),
+    ``lengths`` (one per training row: batches are then grouped by length, which cuts padding; default
+    None, Trainer's random batches).
 
     The batches hold ``labels`` (``-100`` = no target). The squarehead token masks are the batch's
     ``attention_mask`` for encoder and decoder-only blocks (all positions when absent), and
@@ -115,8 +117,13 @@ class SparseTrainer(transformers.Trainer):
     """
 
     def __init__(self, model=None, args=None, *, teacher=None, loss="CE+SquareHead", temperature: float = 1.0,
-                 freeze: bool = True, **kwargs):
+                 freeze: bool = True, lengths: Sequence[int] | None = None, **kwargs):
         self.loss_weights = parse_loss_mix(loss)
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
+        dataset = kwargs.get("train_dataset")
+        if self.lengths is not None and (dataset is None or len(self.lengths) != len(dataset)):
+            raise ValueError(f"lengths must give one length per training row ({len(dataset or [])}), "
+                             f"got {len(self.lengths)}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.temperature = float(temperature)
@@ -158,6 +165,16 @@ class SparseTrainer(transformers.Trainer):
         if decoder is None and "labels" in inputs:
             decoder = inputs["labels"] != -100
         return [decoder if stack == "decoder" else attention for stack in stacks]
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With ``lengths``: batches of rows of similar length (transformers' ``LengthGroupedSampler``:
+        random megabatches of 50 batches, each sorted by length), which cuts padding; else Trainer's."""
+        if self.lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=self.lengths)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "labels" not in inputs:
