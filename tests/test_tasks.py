@@ -189,3 +189,12 @@ def test_code_digest_is_the_same_in_every_process():
         for seed in ("1", "2", "3")
     }
     assert len(digests) == 1
+
+
+def test_student_like_is_a_trainable_copy_of_a_frozen_teacher():
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).eval().requires_grad_(False)
+    student = tasks.get("math").student_like(teacher)
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    for a, b in zip(student.parameters(), teacher.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()

@@ -269,9 +269,10 @@ class Task:
         return self.model_class()(self.model_config(scale))
 
     def student_like(self, model):
-        """A deep copy of ``model`` in train mode (same config, same weights)."""
+        """A deep copy of ``model`` in train mode with every parameter trainable (same config, same
+        weights), also when ``model`` is a teacher that fine-tuning froze (``requires_grad=False``)."""
         student = copy.deepcopy(model)
-        student.train()
+        student.train().requires_grad_(True)
         return student
 
     # ---- batches ------------------------------------------------------------------------------
