@@ -787,22 +787,40 @@ SK_AVX512 SK_INLINE void row_vnni(const Args &a, int64_t r, int64_t b0, float *o
     for (int b = 0; b < NB; b++) out[b] = a.xscale[b0 + b] * (_mm512_reduce_add_ps(total[b]) - correction[b]);
 }
 
-template <int VT>
-SK_AVX512 static void vnni_rows_avx512(const Args &a, int64_t r0, int64_t r1) {
+// The two AVX-512 row kernels as types, so that one driver (rows_avx512) serves both.
+template <int VT> struct ExpandRow {
+    template <int NB>
+    SK_AVX512 __attribute__((always_inline)) static inline void run(const Args &a, int64_t r, int64_t b0,
+                                                                    float *out) {
+        row_avx512<VT, NB>(a, r, b0, out);
+    }
+};
+template <int VT> struct VnniRow {
+    template <int NB>
+    SK_AVX512 __attribute__((always_inline)) static inline void run(const Args &a, int64_t r, int64_t b0,
+                                                                    float *out) {
+        row_vnni<VT, NB>(a, r, b0, out);
+    }
+};
+
+// Rows [r0, r1) in tiles of up to 8 batch rows; the tile's width is a template argument of Row::run
+// (its accumulators are unrolled).
+template <typename Row>
+SK_AVX512 static void rows_avx512(const Args &a, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
         if (!row_ok(a, r)) continue;
         for (int64_t b0 = 0; b0 < a.B; b0 += 8) {
             const int64_t nb = std::min<int64_t>(8, a.B - b0);
             float out[8];
             switch (nb) {
-            case 1: row_vnni<VT, 1>(a, r, b0, out); break;
-            case 2: row_vnni<VT, 2>(a, r, b0, out); break;
-            case 3: row_vnni<VT, 3>(a, r, b0, out); break;
-            case 4: row_vnni<VT, 4>(a, r, b0, out); break;
-            case 5: row_vnni<VT, 5>(a, r, b0, out); break;
-            case 6: row_vnni<VT, 6>(a, r, b0, out); break;
-            case 7: row_vnni<VT, 7>(a, r, b0, out); break;
-            default: row_vnni<VT, 8>(a, r, b0, out); break;
+            case 1: Row::template run<1>(a, r, b0, out); break;
+            case 2: Row::template run<2>(a, r, b0, out); break;
+            case 3: Row::template run<3>(a, r, b0, out); break;
+            case 4: Row::template run<4>(a, r, b0, out); break;
+            case 5: Row::template run<5>(a, r, b0, out); break;
+            case 6: Row::template run<6>(a, r, b0, out); break;
+            case 7: Row::template run<7>(a, r, b0, out); break;
+            default: Row::template run<8>(a, r, b0, out); break;
             }
             for (int64_t b = 0; b < nb; b++) a.y[(b0 + b) * a.R + r] = out[b];
         }
@@ -810,25 +828,11 @@ SK_AVX512 static void vnni_rows_avx512(const Args &a, int64_t r0, int64_t r1) {
 }
 
 template <int VT>
+SK_AVX512 static void vnni_rows_avx512(const Args &a, int64_t r0, int64_t r1) { rows_avx512<VnniRow<VT>>(a, r0, r1); }
+
+template <int VT>
 SK_AVX512 static void bitmask_rows_avx512(const Args &a, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-        if (!row_ok(a, r)) continue;
-        for (int64_t b0 = 0; b0 < a.B; b0 += 8) {
-            const int64_t nb = std::min<int64_t>(8, a.B - b0);
-            float out[8];
-            switch (nb) {
-            case 1: row_avx512<VT, 1>(a, r, b0, out); break;
-            case 2: row_avx512<VT, 2>(a, r, b0, out); break;
-            case 3: row_avx512<VT, 3>(a, r, b0, out); break;
-            case 4: row_avx512<VT, 4>(a, r, b0, out); break;
-            case 5: row_avx512<VT, 5>(a, r, b0, out); break;
-            case 6: row_avx512<VT, 6>(a, r, b0, out); break;
-            case 7: row_avx512<VT, 7>(a, r, b0, out); break;
-            default: row_avx512<VT, 8>(a, r, b0, out); break;
-            }
-            for (int64_t b = 0; b < nb; b++) a.y[(b0 + b) * a.R + r] = out[b];
-        }
-    }
+    rows_avx512<ExpandRow<VT>>(a, r0, r1);
 }
 
 SK_AVX2 static double read_sum_avx2(const float *p, int64_t n) {
