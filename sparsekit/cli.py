@@ -285,6 +285,8 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--lora", type=int, default=None, metavar="RANK",
                         help="train LoRA adapters of this rank, merged through the mask at the end")
+    parser.add_argument("--bf16", action="store_true",
+                        help="mixed precision: forward and backward under bf16 autocast, fp32 weights")
     parser.add_argument("--train-size", type=int, default=None, help="use the first N training rows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window of a 'text' data file")
     parser.add_argument("--scale", default="book", choices=("smoke", "book", "paper"), help="task scale")
@@ -339,7 +341,7 @@ def run_finetune(args) -> int:
     result = finetune(student, teacher, rows, collate, args.loss, steps=args.steps, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                       weight_decay=args.weight_decay, temperature=args.temperature, lora_rank=args.lora,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, progress=not args.quiet, bf16=args.bf16)
     model = result.model
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
@@ -349,7 +351,7 @@ def run_finetune(args) -> int:
                "data": str(args.data) if args.data else None, "train_rows": len(rows),
                "loss": result.loss_weights, "temperature": args.temperature, "steps": result.steps,
                "lr": args.lr, "batch_size": args.batch_size, "warmup": args.warmup, "lora": args.lora,
-               "seed": args.seed, "sparsity_before": before,
+               "bf16": args.bf16, "seed": args.seed, "sparsity_before": before,
                "sparsity_after": float(sparsity_report(model).iloc[-1]["sparsity"]),
                "train_seconds": result.wall_s, "stability": result.stability, "record": result.record}
     if task is not None:

@@ -148,10 +148,10 @@ def test_finetune_cli_writes_a_sparse_model_and_metrics(tmp_path):
     out = tmp_path / "out"
     code = main(["finetune", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
                  "--data", str(data), "--loss", "CE+SquareHead", "--steps", "3", "--batch-size", "4",
-                 "--lr", "1e-3", "--out", str(out), "--quiet"])
+                 "--lr", "1e-3", "--out", str(out), "--quiet", "--bf16"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and len(metrics["record"]) == 3
+    assert metrics["steps"] == 3 and len(metrics["record"]) == 3 and metrics["bf16"] is True
     from transformers import MptForCausalLM
 
     _assert_mask_kept(MptForCausalLM.from_pretrained(out), start_masks)
@@ -197,3 +197,58 @@ def test_lengths_group_batches_and_cut_padding():
     with pytest.raises(ValueError, match="lengths must give one length per training row"):
         finetune(pruned_copy(tiny_mpt()), tiny_mpt(), rows, pad_collate, "CE", steps=1, batch_size=8,
                  lengths=lengths[:-1])
+
+
+def test_bf16_runs_student_and_teacher_in_bf16_and_keeps_fp32_weights_and_the_mask():
+    from sparsekit.distill.finetune import finetune
+
+    teacher = tiny_mpt()
+    start = pruned_copy(teacher, 0.7)
+    start_masks = masks_of(start)
+    seen: dict[str, set] = {"student": set(), "teacher": set()}
+
+    def run(bf16: bool):
+        student = pruned_copy(start, 0.0)
+        handles = [next(iter(prunable_linears(model)))[1].register_forward_hook(
+                       lambda module, inputs, out, tag=tag: seen[tag].add(out.dtype))
+                   for tag, model in (("student", student), ("teacher", teacher))]
+        try:
+            return finetune(student, teacher, causal_rows(), stack_rows, "CE+SquareHead", steps=4,
+                            batch_size=8, lr=1e-2, warmup=1, bf16=bf16)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    mixed = run(bf16=True)
+    assert seen == {"student": {torch.bfloat16}, "teacher": {torch.bfloat16}}
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    _assert_mask_kept(mixed.model, start_masks)
+    seen["student"].clear(), seen["teacher"].clear()
+    _, first = next(iter(prunable_linears(mixed.model)))
+    handle = first.register_forward_hook(lambda module, inputs, out: seen["student"].add(out.dtype))
+    with torch.no_grad():
+        mixed.model(**stack_rows(causal_rows()[:2]))  # the returned model: fp32 again, no autocast left
+    handle.remove()
+    assert seen["student"] == {torch.float32}
+    seen["student"].clear()
+    full = run(bf16=False)
+    assert seen == {"student": {torch.float32}, "teacher": {torch.float32}}
+    # the same first batch: the bf16 loss is the fp32 loss to bf16's precision, not another computation
+    assert mixed.record[0]["loss"] == pytest.approx(full.record[0]["loss"], rel=3e-2)
+    assert mixed.record[0]["loss"] != full.record[0]["loss"]
+    with pytest.raises(ValueError, match="bf16 must be True or False"):
+        finetune(pruned_copy(start, 0.0), teacher, causal_rows(), stack_rows, "CE", steps=1, batch_size=8,
+                 bf16="yes")
+
+
+def test_grouped_batches_follow_the_run_seed(tmp_path):
+    rows = causal_rows(64)
+    lengths = [int(row["attention_mask"].sum()) + i % 5 for i, row in enumerate(rows)]
+
+    def order(seed: int) -> list[int]:
+        trainer = SparseTrainer(tiny_mpt(), training_args(tmp_path, seed=seed), loss="CE", train_dataset=rows,
+                                data_collator=stack_rows, lengths=lengths)
+        return list(trainer._get_train_sampler())
+
+    assert order(0) == order(0) and order(0) != order(1)
+    assert sorted(order(1)) == list(range(len(rows)))

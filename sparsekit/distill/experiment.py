@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from sparsekit.distill.finetune import finetune
 from sparsekit.distill.trainer import LOSS_MIXES
 
-__all__ = ["RecoveryConfig", "CONFIGS", "recovery_config", "RecoveryExperiment", "RecoveryResults",
+__all__ = ["RecoveryConfig", "CONFIGS", "FINE_TUNING_SELECTION", "recovery_config", "RecoveryExperiment", "RecoveryResults",
            "training_subset", "parse_pattern", "recovery_table", "seed_spread", "compare_losses", "LOSSES"]
 
 LOSSES = tuple(LOSS_MIXES)  # ("CE", "CE+KD", "SquareHead", "CE+SquareHead")
@@ -66,6 +66,8 @@ class RecoveryConfig:
 
     Patterns are labels: ``"70%"`` (unstructured) or ``"2:4"`` (N:M). ``train_size=None``: chosen on
     validation among ``train_sizes`` (``0`` in ``train_sizes`` means the whole train split).
+    ``group_by_length``: batches of rows of similar length (``task.row_length``; less padding, same data);
+    ``bf16``: fine-tune under bf16 autocast (:func:`~sparsekit.distill.finetune.finetune`); evaluation is fp32.
     """
 
     patterns: tuple[str, ...]
@@ -82,6 +84,8 @@ class RecoveryConfig:
     sweep_pattern: str = "80%"
     sweep_losses: tuple[str, ...] = ("CE", "CE+SquareHead")
     eval_limit: int | None = None
+    group_by_length: bool = False
+    bf16: bool = False
     n_calib: int = 128
     calib_batch_size: int = 16
 
@@ -107,12 +111,33 @@ class RecoveryConfig:
 _SMOKE = dict(patterns=("80%",), steps=4, batch_size=8, lr=1e-3, warmup=1, train_sizes=(16,),
               headline=("80%",), sweep_pattern="80%", eval_limit=8, n_calib=8, calib_batch_size=8)
 
+# How each book-scale fine-tuning run is computed, chosen on validation: the sweep's runs (80 %, the whole
+# train split, seed 0) with each candidate, measured side by side on this machine (2 threads). bf16: mixed
+# precision (autocast; fp32 weights, optimizer and losses); "grouped": batches of rows of similar length.
+# Grouping made math batches homogeneous (one template a batch) and cost accuracy; bf16 halves matmul time
+# on this CPU (AVX512-BF16), which only math's larger model turns into a shorter run.
+FINE_TUNING_SELECTION: dict[str, tuple[dict, ...]] = {
+    "translation": (
+        {"candidate": "fp32", "CE": 20.06, "CE+SquareHead": 24.12, "train s (both)": 16.8, "chosen": True},
+        {"candidate": "bf16", "CE": 19.76, "CE+SquareHead": 22.69, "train s (both)": 16.6, "chosen": False},
+    ),
+    "speech": (
+        {"candidate": "fp32", "CE": 0.202, "CE+SquareHead": 0.186, "train s (both)": 34.1, "chosen": True},
+        {"candidate": "bf16", "CE": 0.202, "CE+SquareHead": 0.186, "train s (both)": 41.3, "chosen": False},
+    ),
+    "math": (
+        {"candidate": "fp32", "CE": 0.187, "CE+SquareHead": 0.197, "train s (both)": 100.2, "chosen": False},
+        {"candidate": "bf16", "CE": 0.187, "CE+SquareHead": 0.190, "train s (both)": 64.1, "chosen": True},
+        {"candidate": "fp32, grouped", "CE": 0.100, "CE+SquareHead": 0.107, "train s (both)": 72.2,
+         "chosen": False},
+    ),
+}
+
 # One place per task for every scale. Book scale: the three notebooks together within 40 min on 2 cores
-# (teachers cached). Measured cost per optimizer step at batch 32 (1 thread, CPU seconds, CE+SquareHead):
-# speech 0.07, translation 0.11, math 0.73; a run's evaluation adds about 1 s (speech, translation) and
-# 5 s (math). Runs per notebook: `RecoveryConfig.fine_tuning_runs()` (28 for 4 patterns, 32 for 5).
-# Whole book-scale experiments (1 thread, loaded machine): speech 385 CPU-seconds (32 runs), translation
-# 530 (32 runs); math, estimated from its step cost: about 1800.
+# (teachers cached). The fp32 book run before the precision choice above took 6.1 (translation), 12.2
+# (speech) and 29.2 min (math; 0.52-0.75 s per step at batch 32); math now fine-tunes in bf16, and speech,
+# whose runs cost twice translation's, leaves out the 2:4 pattern (translation keeps it).
+# Runs per notebook: `RecoveryConfig.fine_tuning_runs()`.
 # The learning rate (1e-3, no weight decay) follows a prototype on the math task (1e-3 to 3e-3 at 75-90%).
 CONFIGS: dict[str, dict[str, RecoveryConfig]] = {
     "translation": {
@@ -124,7 +149,7 @@ CONFIGS: dict[str, dict[str, RecoveryConfig]] = {
     },
     "speech": {
         "smoke": RecoveryConfig(**_SMOKE),
-        "book": RecoveryConfig(patterns=("50%", "70%", "80%", "90%", "2:4"), steps=200, batch_size=32,
+        "book": RecoveryConfig(patterns=("50%", "70%", "80%", "90%"), steps=200, batch_size=32,
                                lr=1e-3, warmup=20, train_sizes=(250, 1000, 0)),
         "paper": RecoveryConfig(patterns=("50%", "70%", "80%", "90%", "2:4"), steps=1000, batch_size=32,
                                 lr=1e-4, warmup=20, train_sizes=(0,), train_size=0),
@@ -132,7 +157,7 @@ CONFIGS: dict[str, dict[str, RecoveryConfig]] = {
     "math": {
         "smoke": RecoveryConfig(**_SMOKE),
         "book": RecoveryConfig(patterns=("50%", "70%", "80%", "90%"), steps=80, batch_size=32, lr=1e-3,
-                               warmup=8, train_sizes=(250, 1000, 0)),
+                               warmup=8, train_sizes=(250, 1000, 0), bf16=True),
         # the paper's MPT-7B schedule: 2 epochs of GSM8K's 7473 problems at batch 32 (the paper uses 4
         # epochs and lr 8e-5 to 1e-4 at 70-80%)
         "paper": RecoveryConfig(patterns=("50%", "60%", "70%", "80%"), steps=467, batch_size=32, lr=1e-4,
@@ -197,6 +222,8 @@ class RecoveryExperiment:
         self.task = tasks.get(task_name)
         self.scale = scale
         self.config = config or recovery_config(task_name, scale)
+        if self.config.group_by_length and type(self.task).row_length is tasks.Task.row_length:
+            raise ValueError(f"group_by_length=True needs a task with row_length; {task_name} has none")
         self.progress = progress
         self.teacher = teacher  # default: the task's cached teacher at `scale`
         self.collate = functools.partial(self.task.collate, scale=scale)
@@ -229,6 +256,9 @@ class RecoveryExperiment:
             self._pruned[pattern] = model
         return self._pruned[pattern]
 
+    def _lengths(self, rows: list[dict]) -> list[int]:
+        return [self.task.row_length(r) for r in rows]
+
     def fine_tune(self, pattern: str, loss: str, seed: int, size: int, splits: tuple[str, ...]) -> None:
         """One fine-tuning run from the one-shot model of ``pattern``; its rows appended to the runs."""
         key = (pattern, loss, seed, size)
@@ -236,9 +266,10 @@ class RecoveryExperiment:
         if key not in self._models:
             student = self.task.student_like(self.pruned(pattern))
             rows = training_subset(self.task, size, self.scale)
+            lengths = self._lengths(rows) if config.group_by_length else None
             result = finetune(student, self.teacher, rows, self.collate, loss, steps=config.steps,
                               lr=config.lr, batch_size=config.batch_size, warmup=config.warmup,
-                              temperature=config.temperature, seed=seed)
+                              temperature=config.temperature, seed=seed, lengths=lengths, bf16=config.bf16)
             self._models[key] = result
             self._curves[key] = result.record
         result = self._models[key]

@@ -46,7 +46,7 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
              warmup: int = 20, weight_decay: float = 0.0, temperature: float = 1.0,
              max_grad_norm: float = 1.0, lora_rank: int | None = None, seed: int = 0,
              output_dir: str | None = None, progress: bool = False, log_steps: int = 1,
-             lengths: Sequence[int] | None = None) -> FinetuneResult:
+             lengths: Sequence[int] | None = None, bf16: bool = False) -> FinetuneResult:
     """Fine-tune ``student`` (pruned; its zeros are frozen as its mask) on ``rows`` with ``loss``.
 
     ``rows``: the training examples (any sequence); ``collate(list of rows) -> batch`` with ``labels``.
@@ -55,6 +55,9 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
     with LoRA, the returned model is the merged base model. ``lengths`` (one per row, e.g. tokens):
     batches of rows of similar length instead of random ones (less padding; see :class:`SparseTrainer`).
+    ``bf16``: mixed precision (student and teacher forward and backward under bf16 autocast; weights,
+    optimizer state and losses stay fp32, the masks exact). About 2x the matmul throughput of fp32 on a
+    CPU with AVX512-BF16 or AMX and on recent GPUs; slower where bf16 is emulated.
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -67,6 +70,8 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     _positive("batch_size", batch_size)
     if len(rows) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} training rows")
+    if not isinstance(bf16, bool):
+        raise ValueError(f"bf16 must be True or False, got {bf16!r}")
     weights = parse_loss_mix(loss)
     model = student
     if lora_rank is not None:
@@ -80,7 +85,8 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
             lr_scheduler_type="linear", weight_decay=weight_decay, adam_beta1=0.9, adam_beta2=0.999,
             adam_epsilon=1e-8, max_grad_norm=max_grad_norm, logging_steps=log_steps, save_strategy="no",
             report_to=[], disable_tqdm=not progress, seed=seed, data_seed=seed, remove_unused_columns=False,
-            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+            dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+            bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available())  # Trainer's bf16 on CPU needs use_cpu
         trainer = SparseTrainer(model, args, teacher=teacher, loss=weights, temperature=temperature,
                                 train_dataset=list(rows), data_collator=collate, lengths=lengths)
         trainer.remove_callback(PrinterCallback)
@@ -95,6 +101,8 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
         finally:
             gc.unfreeze()
         wall = time.perf_counter() - start
+    # accelerate wrapped forward in bf16 autocast for training; the returned model runs in fp32 again
+    model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if lora_rank is not None:
         from sparsekit.distill.lora import merge_lora
 

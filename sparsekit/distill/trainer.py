@@ -174,7 +174,8 @@ class SparseTrainer(transformers.Trainer):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler(batch, lengths=self.lengths)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(batch, lengths=self.lengths, generator=torch.Generator().manual_seed(seed))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "labels" not in inputs:
@@ -186,7 +187,8 @@ class SparseTrainer(transformers.Trainer):
         if "ce" in self.loss_weights:
             parts["ce"] = ce_loss(outputs.logits, labels)
         if self.teacher is not None:
-            with torch.no_grad():
+            # the teacher runs at the student's precision (bf16 autocast when the args ask for it)
+            with torch.no_grad(), self.accelerator.autocast():
                 teacher_out = self.teacher(**inputs, output_hidden_states=wants_hidden)
             if "kd" in self.loss_weights:
                 parts["kd"] = kd_loss(outputs.logits, teacher_out.logits, labels, self.temperature)
