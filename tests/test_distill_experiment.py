@@ -112,6 +112,7 @@ def test_findings_name_a_student_whose_worst_seed_beats_the_teacher():
 
 def test_group_by_length_needs_a_task_with_row_lengths():
     config = with_overrides(recovery_config("speech", "smoke"), group_by_length=True)
-    with pytest.raises(ValueError, match="group_by_length=True needs a task with row_length; speech"):
+    with pytest.raises(ValueError, match="group_by_length=True needs a task with row_length; speech has"):
         RecoveryExperiment("speech", "smoke", config, progress=False)
-    RecoveryExperiment("math", "smoke", with_overrides(recovery_config("math", "smoke"), group_by_length=True))
+    grouped = with_overrides(recovery_config("math", "smoke"), group_by_length=True)
+    RecoveryExperiment("math", "smoke", grouped, progress=False)

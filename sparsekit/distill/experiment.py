@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from sparsekit.distill.finetune import finetune
 from sparsekit.distill.trainer import LOSS_MIXES
 
-__all__ = ["RecoveryConfig", "CONFIGS", "FINE_TUNING_SELECTION", "recovery_config", "RecoveryExperiment", "RecoveryResults",
-           "training_subset", "parse_pattern", "recovery_table", "seed_spread", "compare_losses", "LOSSES"]
+__all__ = ["RecoveryConfig", "CONFIGS", "FINE_TUNING_SELECTION", "recovery_config", "RecoveryExperiment",
+           "RecoveryResults", "training_subset", "parse_pattern", "recovery_table", "seed_spread",
+           "compare_losses", "LOSSES"]
 
 LOSSES = tuple(LOSS_MIXES)  # ("CE", "CE+KD", "SquareHead", "CE+SquareHead")
 
@@ -67,7 +68,7 @@ class RecoveryConfig:
     Patterns are labels: ``"70%"`` (unstructured) or ``"2:4"`` (N:M). ``train_size=None``: chosen on
     validation among ``train_sizes`` (``0`` in ``train_sizes`` means the whole train split).
     ``group_by_length``: batches of rows of similar length (``task.row_length``; less padding, same data);
-    ``bf16``: fine-tune under bf16 autocast (:func:`~sparsekit.distill.finetune.finetune`); evaluation is fp32.
+    ``bf16``: fine-tune under bf16 autocast (:func:`~sparsekit.distill.finetune.finetune`); evaluate in fp32.
     """
 
     patterns: tuple[str, ...]
