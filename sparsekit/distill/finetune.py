@@ -54,10 +54,13 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     adapters of that rank instead of the weights, then merge them through the mask. The student is
     trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
     with LoRA, the returned model is the merged base model. ``lengths`` (one per row, e.g. tokens):
-    batches of rows of similar length instead of random ones (less padding; see :class:`SparseTrainer`).
+    batches of rows of similar length instead of random ones (less padding; see :class:`SparseTrainer`);
+    where length tracks content, batches become homogeneous (the math task: one template a batch, and
+    lower validation accuracy).
     ``bf16``: mixed precision (student and teacher forward and backward under bf16 autocast; weights,
-    optimizer state and losses stay fp32, the masks exact). About 2x the matmul throughput of fp32 on a
-    CPU with AVX512-BF16 or AMX and on recent GPUs; slower where bf16 is emulated.
+    optimizer state and losses stay fp32, the masks exact). Whether it is faster depends on the hardware
+    and the model: see ``FINE_TUNING_SELECTION`` in :mod:`sparsekit.distill.experiment` for this project's
+    measurements.
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
