@@ -116,3 +116,6 @@ def test_group_by_length_needs_a_task_with_row_lengths():
         RecoveryExperiment("speech", "smoke", config, progress=False)
     grouped = with_overrides(recovery_config("math", "smoke"), group_by_length=True)
     RecoveryExperiment("math", "smoke", grouped, progress=False)
+    for name in ("group_by_length", "bf16"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            with_overrides(recovery_config("math", "smoke"), **{name: "no"})

@@ -93,6 +93,9 @@ class RecoveryConfig:
     def __post_init__(self):
         for label in self.patterns + self.headline + (self.sweep_pattern,):
             parse_pattern(label)
+        for name in ("group_by_length", "bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         unknown = sorted(set(self.losses + self.sweep_losses) - set(LOSSES))
         if unknown:
             raise ValueError(f"losses {unknown} are not among {list(LOSSES)}")
@@ -257,9 +260,6 @@ class RecoveryExperiment:
             self._pruned[pattern] = model
         return self._pruned[pattern]
 
-    def _lengths(self, rows: list[dict]) -> list[int]:
-        return [self.task.row_length(r) for r in rows]
-
     def fine_tune(self, pattern: str, loss: str, seed: int, size: int, splits: tuple[str, ...]) -> None:
         """One fine-tuning run from the one-shot model of ``pattern``; its rows appended to the runs."""
         key = (pattern, loss, seed, size)
@@ -267,7 +267,7 @@ class RecoveryExperiment:
         if key not in self._models:
             student = self.task.student_like(self.pruned(pattern))
             rows = training_subset(self.task, size, self.scale)
-            lengths = self._lengths(rows) if config.group_by_length else None
+            lengths = [self.task.row_length(r) for r in rows] if config.group_by_length else None
             result = finetune(student, self.teacher, rows, self.collate, loss, steps=config.steps,
                               lr=config.lr, batch_size=config.batch_size, warmup=config.warmup,
                               temperature=config.temperature, seed=seed, lengths=lengths, bf16=config.bf16)
