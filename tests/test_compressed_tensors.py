@@ -145,6 +145,17 @@ def test_2_4_pruned_int4_round_trip_keeps_the_pattern(tmp_path):
     assert_same_model(load_compressed(save_compressed(model, tmp_path / "ct", report)), model)
 
 
+def test_fp16_int4_round_trip_keeps_the_exact_weights(tmp_path):
+    model = tiny("mpt").half()
+    report = prune_model(model, None, "magnitude", 0.5, quant={"bits": 4, "group_size": 32, "method": "rtn"},
+                         progress=False)
+    loaded = load_compressed(save_compressed(model, tmp_path / "ct", report))
+    logits(loaded)
+    assert loaded.dtype == torch.float16
+    for name, weight in weights(model).items():
+        assert torch.equal(loaded.get_submodule(name).weight, weight), name
+
+
 def test_asymmetric_int8_naive_quantized_round_trip(tmp_path):
     model = tiny("llama")
     quant = QuantConfig(bits=8, group_size=32, symmetric=False, method="rtn")
@@ -213,6 +224,31 @@ def test_sparse_formats_are_refused_by_name(format, tmp_path):
     with pytest.raises(ValueError, match=f"format='{format}' cannot be written: compressed-tensors 0.20"):
         save_compressed(tiny("llama"), tmp_path / "ct", format=format)
     assert not (tmp_path / "ct").exists()
+
+
+def test_legacy_sparse_bitmask_folder_loads_with_its_sparse_layers_missing(tmp_path):
+    """What writing sparse-bitmask would give a user now: transformers 5.24 does not decompress it; the layer
+    loads freshly initialised (a missing key), not as the pruned weight."""
+    from compressed_tensors.utils.helpers import pack_bitmasks
+
+    model = tiny("llama")
+    prune_model(model, None, "magnitude", 0.5, progress=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state = dict(model.state_dict())
+    weight = state.pop(name)
+    mask = weight != 0
+    state.update({f"{name}.compressed": weight[mask], f"{name}.bitmask": pack_bitmasks(mask),
+                  f"{name}.shape": torch.tensor(weight.shape),
+                  f"{name}.row_offsets": torch.cumsum(mask.sum(1), 0) - mask.sum(1)})
+    model.save_pretrained(tmp_path, state_dict=state)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense",
+                                     "sparsity_config": {"format": "sparse-bitmask", "targets": ["Linear"],
+                                                         "sparsity_structure": "unstructured"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {name}
+    assert not torch.equal(loaded.get_submodule("model.layers.0.mlp.up_proj").weight, weight)
 
 
 def test_asymmetric_pack_quantized_does_not_load_in_transformers(tmp_path):

@@ -25,11 +25,16 @@ the sparsity survives quantized export. Every layer's codes are checked after co
 them must give back the model's weight bit for bit.
 
 What the installed libraries (compressed-tensors 0.20, transformers 5.24) cannot load, and is refused by
-name rather than written: the sparse formats ``sparse-bitmask``, ``sparse-24-bitmask`` and ``marlin-24``
-(compressed-tensors removed sparse compression and transformers dropped it from its integration; a pruned
-model is stored with its zeros in place instead), asymmetric ``pack-quantized`` (its packed zero points do
-not fit the shape that the loader allocates; ``naive-quantized`` stores them), quantized ``Conv1D``
-layers (the format quantizes ``nn.Linear`` only) and bfloat16 quantized weights (above).
+name rather than written:
+
+* the sparse formats ``sparse-bitmask``, ``sparse-24-bitmask`` and ``marlin-24``: compressed-tensors
+  removed sparse compression and transformers dropped it from its integration (a folder in the old
+  sparse-bitmask layout loads with those layers freshly initialised, reported only as missing keys);
+  a pruned model is stored with its zeros in place instead;
+* asymmetric ``pack-quantized``: its packed zero points do not fit the shape that the loader allocates
+  (``naive-quantized`` stores them unpacked and loads);
+* quantized ``Conv1D`` layers (the format quantizes ``nn.Linear`` only) and bfloat16 quantized weights
+  (above).
 """
 
 from __future__ import annotations
