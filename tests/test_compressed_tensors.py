@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from test_cli_prune import run, saved  # noqa: F401  (saved: the module's fixture of tiny saved models)
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -310,3 +311,30 @@ def test_bad_arguments_name_the_problem(tmp_path):
         save_compressed(gpt2, tmp_path / "bad", {"bits": 8, "method": "rtn"})
     assert not (tmp_path / "bad").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sparsekit prune --format compressed-tensors
+
+
+def test_cli_prune_writes_a_compressed_tensors_folder(saved, tmp_path, capsys):  # noqa: F811
+    from safetensors.torch import load_file
+
+    extra = ("--sparsity", "0.5", "--bits", "4", "--group-size", "16")
+    assert run(saved, "mpt", tmp_path / "plain", *extra) == 0
+    assert run(saved, "mpt", tmp_path / "ct", *extra, "--format", "compressed-tensors") == 0
+    out = tmp_path / "ct"
+    assert (out / "manifest.json").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert json.loads((out / "prune_report.json").read_text())["quant"]["bits"] == 4
+    expected = load_file(tmp_path / "plain" / "model.safetensors")  # the same run, saved the default way
+    loaded = load_compressed(out)
+    with torch.no_grad():
+        loaded(TOKENS % loaded.config.vocab_size)  # the first forward decompresses
+    for name, linear in prunable_linears(loaded):
+        assert torch.equal(linear.weight, expected[f"{name}.weight"]), name
+        assert float((linear.weight == 0).float().mean()) >= 0.5, name  # + kept weights that round to 0
+    with pytest.raises(SystemExit) as exit_info:
+        run(saved, "mpt", out, *extra, "--format", "compressed-tensors")
+    assert exit_info.value.code == 2 and "exists; --format compressed-tensors writes a new folder" in \
+        capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Export to the compressed-tensors format, the one ``transformers`` and vLLM load.
+"""Export to the compressed-tensors format (the checkpoint format of llm-compressor and vLLM).
 
 :func:`save_compressed` writes a Hugging Face model folder (``config.json`` + safetensors) that
 ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads through its compressed-tensors
