@@ -116,3 +116,24 @@ def test_conv1d_layers_get_the_masked_update():
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, trained, atol=LOGIT_ATOL, rtol=0)
     assert all(torch.equal(masks_of(merged)[n], m) for n, m in start_masks.items())
+
+
+def test_saved_adapters_load_back_masked(tmp_path):
+    from sparsekit.distill.lora import load_lora
+
+    student = pruned_copy(tiny_mpt(), 0.5)
+    start_masks = masks_of(student)
+    peft_model = add_lora(student, r=2)
+    with torch.no_grad():
+        for layer in lora_layers(peft_model).values():
+            layer.lora_B["default"].weight.normal_()
+    batch = stack_rows(causal_rows()[:4])
+    trained = batch_loss(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    reloaded = load_lora(pruned_copy(tiny_mpt(), 0.5), tmp_path / "adapter")
+    assert len(lora_layers(reloaded)) == len(start_masks)  # every adapter rebuilt as a MaskedLoraLinear
+    assert batch_loss(reloaded, batch) == pytest.approx(trained, abs=1e-6)
+    merged = merge_lora(reloaded)
+    assert batch_loss(merged, batch) == pytest.approx(trained, abs=1e-5)
+    assert all(torch.equal(masks_of(merged)[n], m) for n, m in start_masks.items())

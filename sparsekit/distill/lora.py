@@ -25,7 +25,7 @@ import torch
 
 from sparsekit.blocks import prunable_linears
 
-__all__ = ["add_lora", "merge_lora"]
+__all__ = ["add_lora", "load_lora", "merge_lora"]
 
 
 def add_lora(model, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -38,16 +38,35 @@ def add_lora(model, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
     non-zeros at this moment.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    from sparsekit.distill.masked_lora import MaskedLoraLinear
 
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
     names = [name for name, _ in prunable_linears(model, targets)]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
-    config._register_custom_module({torch.nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
+    _register_masked(config)
     return get_peft_model(model, config)
+
+
+def _register_masked(config) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from sparsekit.distill.masked_lora import MaskedLoraLinear
+
+    config._register_custom_module({torch.nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
+
+
+def load_lora(model, adapter_dir, is_trainable: bool = False):
+    """``model`` with the masked adapters that ``peft_model.save_pretrained(adapter_dir)`` wrote.
+
+    peft's own ``PeftModel.from_pretrained`` would rebuild them as plain (dense-update) LoRA layers;
+    here they are :class:`~sparsekit.distill.masked_lora.MaskedLoraLinear` again, with the masks of
+    ``model``'s weights (the pruned model the adapters were trained on).
+    """
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    _register_masked(config)
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable)
 
 
 def merge_lora(peft_model):
