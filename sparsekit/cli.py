@@ -11,6 +11,9 @@ inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized
 writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the book driver
 (:mod:`sparsekit.book`).
 
+``sparsekit prune ... --format compressed-tensors`` writes instead a new folder that transformers loads
+through its compressed-tensors integration (:func:`sparsekit.formats.compressed_tensors.save_compressed`).
+
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
 a new subcommand is one more entry there.
 """
@@ -83,6 +86,10 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scale of a task's calibration data (default: the task's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--format", default="safetensors", choices=("safetensors", "compressed-tensors"),
+                        help="safetensors (default: save_pretrained, plus quantized_weights.safetensors with "
+                             "--bits) or compressed-tensors (a new folder that transformers loads through "
+                             "its compressed-tensors integration; int8/int4 pack-quantized with --bits)")
     _add_quant_arguments(parser)
 
 
@@ -200,6 +207,8 @@ def _check_prune_arguments(args) -> None:
     for option in ("n_calib", "seq_len", "batch_size", "blocksize"):
         _validate.integer(getattr(args, option), "--" + option.replace("_", "-"), low=1)
     _validate.real(args.percdamp, "--percdamp", low=0.0, allowed="a finite number >= 0")
+    if getattr(args, "format", None) == "compressed-tensors" and args.out.exists():
+        raise ValueError(f"--out {str(args.out)!r} exists; --format compressed-tensors writes a new folder")
 
 
 def _saved_tokenizer(path: str):
@@ -210,6 +219,13 @@ def _saved_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
+
+
+def _save_compressed_tensors(model, quantized_report, tokenizer, out: Path) -> Path:
+    """The pruned (and quantized) model as a new compressed-tensors folder (``save_compressed``)."""
+    from sparsekit.formats.compressed_tensors import save_compressed
+
+    return save_compressed(model, out, quantized_report, tokenizer=tokenizer)
 
 
 def run_prune(args) -> int:
@@ -234,13 +250,17 @@ def run_prune(args) -> int:
                "magnitude": {"scope": args.magnitude_scope}}.get(args.method, {})
     report = prune_model(model, batches, args.method, args.sparsity, nm=args.nm, targets=args.targets,
                          quant=quant, progress=not args.quiet, **options)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if quant is not None:
-        saved = _save_quantized(report, args.nm, args.out / "quantized_weights.safetensors")
-        report = report.drop(columns="quantized")
-    model.save_pretrained(args.out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
+    if args.format == "compressed-tensors":
+        saved = _save_compressed_tensors(model, report if quant is not None else None, tokenizer, args.out)
+        report = report.drop(columns="quantized") if quant is not None else report
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if quant is not None:
+            saved = _save_quantized(report, args.nm, args.out / "quantized_weights.safetensors")
+            report = report.drop(columns="quantized")
+        model.save_pretrained(args.out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
     summary = sparsity_report(model, args.targets)
     overall = summary.iloc[-1]
     (args.out / "prune_report.json").write_text(json.dumps({

@@ -50,8 +50,9 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     """Fine-tune ``student`` (pruned; its zeros are frozen as its mask) on ``rows`` with ``loss``.
 
     ``rows``: the training examples (any sequence); ``collate(list of rows) -> batch`` with ``labels``.
-    Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. ``lora_rank``: train LoRA
-    adapters of that rank instead of the weights, then merge them through the mask. The student is
+    Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. ``lora_rank``: train masked LoRA
+    adapters of that rank (update ``(B A) ⊙ M``; :mod:`sparsekit.distill.lora`) instead of the weights,
+    then merge them (the merged model is the trained one). The student is
     trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
     with LoRA, the returned model is the merged base model. ``lengths`` (one per row, e.g. tokens):
     batches of rows of similar length instead of random ones (less padding; see :class:`SparseTrainer`);
