@@ -46,6 +46,13 @@ def _follow_umask(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _follow_umask_tree(directory: Path) -> None:
+    """Give every file and folder below ``directory`` the umask's mode (safetensors writes 0600 files)."""
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            _follow_umask(path, is_dir=path.is_dir())
+
+
 def _temp_prefix(final: Path) -> str:
     return f".{final.name}{_TMP_MARK}{os.getpid()}-"
 
@@ -234,6 +241,7 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     ``with staged_directory(out) as tmp: model.save_pretrained(tmp)``. On an exception the temp folder is
     removed and ``final`` is untouched. An existing ``final`` is refused unless ``overwrite=True``; then it is
     replaced only after the new folder is complete (a crash in between leaves the old one or a stale temp).
+    Every file and folder inside gets the umask's mode before the manifest is written.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -244,6 +252,7 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     try:
         _follow_umask(tmp, is_dir=True)
         yield tmp
+        _follow_umask_tree(tmp)
         write_manifest(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
