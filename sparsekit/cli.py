@@ -101,7 +101,7 @@ def check_out_folder(out: Path, inputs: dict[str, str | None], overwrite: bool) 
                              "writing there would overwrite the input: pass another --out, or --overwrite")
     if out.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists; pass another --out, or --overwrite to replace it")
-    fileio.check_writable_parent(out / "x", "--out")
+    fileio.check_writable_parent(out, "--out")
 
 
 def check_out_file(out: Path) -> None:

@@ -83,7 +83,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def check_writable_parent(path: str | os.PathLike, argument: str = "path") -> Path:
     """Check, before any work, that ``path`` can be created: its parent is (or can be made) a writable folder.
 
-    Raises ``ValueError`` naming ``argument`` when the parent is a file or not writable.
+    Raises ``ValueError`` naming ``argument`` when the parent is a file or not writable. Writability is
+    tried (a temp file is created in the nearest existing folder and removed at once), since permission
+    bits say nothing on a read-only file system or for root.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -94,6 +96,13 @@ def check_writable_parent(path: str | os.PathLike, argument: str = "path") -> Pa
         raise ValueError(f"{argument}={str(path)!r}: {str(probe)!r} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}={str(path)!r}: the folder {str(probe)!r} is not writable")
+    try:
+        fd, trial = tempfile.mkstemp(prefix=_temp_prefix(path), dir=probe)
+    except OSError as error:
+        raise ValueError(f"{argument}={str(path)!r}: the folder {str(probe)!r} is not writable "
+                         f"({error.strerror})") from None
+    os.close(fd)
+    os.unlink(trial)
     return path
 
 
