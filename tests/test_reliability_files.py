@@ -66,7 +66,8 @@ def test_prune_output_is_a_verified_folder_and_a_flipped_bit_is_refused_by_name(
     out = tmp_path / "pruned"
     assert prune(dense, out) == 0
     manifest = fileio.verify_manifest(out)
-    assert {"model.safetensors", "config.json", "prune_report.json", "tokenizer.json"} <= set(manifest["files"])
+    expected = {"model.safetensors", "config.json", "prune_report.json", "tokenizer.json"}
+    assert expected <= set(manifest["files"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp sibling left
     flip_a_bit(out / "model.safetensors")
     with pytest.raises(SystemExit) as info:
@@ -149,9 +150,10 @@ def test_existing_out_needs_overwrite_and_finetune_checks_its_paths_first(dense,
     with pytest.raises(SystemExit) as info:
         prune(dense, tmp_path / "out")
     assert info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    fresh = ["--out", str(tmp_path / "f")]
     for extra, argument in ((["--out", str(dense)], "--out"),
-                            (["--out", str(tmp_path / "f"), "--teacher", str(tmp_path / "nope")], "--teacher"),
-                            (["--out", str(tmp_path / "f")], "--data")):
+                            ([*fresh, "--teacher", str(tmp_path / "nope")], "--teacher"),
+                            (fresh, "--data")):
         data = ["--data", str(tmp_path / "missing.jsonl")] if argument == "--data" else ["--task", "math"]
         with pytest.raises(SystemExit) as info:
             cli.main(["finetune", str(dense), *data, "--steps", "1", "--quiet", *extra])
@@ -339,7 +341,8 @@ def test_sigkill_at_random_points_never_leaves_anything_that_is_loaded_or_served
         mid_write = []
         for trial in range(22):
             job = "prune" if trial % 2 == 0 else "teacher"
-            worker.stdin.write(json.dumps({"job": job, "out": str(out), "delay": rng.uniform(0.2, 1.6)}) + "\n")
+            delay = rng.uniform(0.2, 1.6)
+            worker.stdin.write(json.dumps({"job": job, "out": str(out), "delay": delay}) + "\n")
             worker.stdin.flush()
             reply = json.loads(worker.stdout.readline() or "{}")
             assert reply.get("killed"), errors.read_text() if errors.exists() else reply
