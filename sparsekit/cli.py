@@ -540,12 +540,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> int:
+    if args.out is not None:
+        check_out_file(args.out)
     import torch
 
     from sparsekit import benchmarking
 
-    if args.out is not None:
-        check_out_file(args.out)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.timer == "cpu":
