@@ -114,7 +114,7 @@ def save_table(frame, filename: str) -> None:
         raise ValueError(f"filename must be a plain file name ending in .csv, got {filename!r}")
     folder = os.environ.get(CHAPTER_ENV)
     if folder:
-        frame.to_csv(Path(folder) / filename, index=False)
+        fileio.atomic_write_text(Path(folder) / filename, frame.to_csv(index=False))
 
 
 def render_summary(results_dir: Path, times: dict[str, float], scale: str, total_seconds: float) -> str:
