@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparsekit import fileio
 from sparsekit.formats import BitmaskWeight, CSRWeight, NMWeight
 from sparsekit.kernels import dispatch, ops, reference
 from sparsekit.kernels.dispatch import cpu_model
@@ -106,11 +107,9 @@ def machine_info(bandwidth_GBps: float | None = None) -> dict:
 
 
 def write_json(result: dict, path) -> Path:
-    """Write a benchmark result (with its machine label) as JSON; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
-    return path
+    """Write a benchmark result (with its machine label) as JSON atomically
+    (:func:`sparsekit.fileio.atomic_write_text`); returns the path."""
+    return fileio.atomic_write_text(Path(path), json.dumps(result, indent=1, default=str))
 
 
 def read_probe(buffer: torch.Tensor) -> float:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from sparsekit import fileio
+
 ROOT = Path(__file__).resolve().parent.parent
 EXECUTED = Path("book") / "_executed"
 SCALES = ("smoke", "book", "paper")
@@ -93,8 +95,8 @@ def record_results(notebook: str, lines: dict[str, str]) -> None:
     if not folder:
         return None
     path = Path(folder) / f"{notebook}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({str(k): str(v) for k, v in lines.items()}, indent=1, ensure_ascii=False))
+    fileio.atomic_write_text(path, json.dumps({str(k): str(v) for k, v in lines.items()}, indent=1,
+                                              ensure_ascii=False))
 
 
 CHAPTER_ENV = "SPARSEKIT_CHAPTER_DIR"
@@ -112,7 +114,7 @@ def save_table(frame, filename: str) -> None:
         raise ValueError(f"filename must be a plain file name ending in .csv, got {filename!r}")
     folder = os.environ.get(CHAPTER_ENV)
     if folder:
-        frame.to_csv(Path(folder) / filename, index=False)
+        fileio.atomic_write_text(Path(folder) / filename, frame.to_csv(index=False))
 
 
 def render_summary(results_dir: Path, times: dict[str, float], scale: str, total_seconds: float) -> str:
@@ -290,7 +292,7 @@ def record_timings(section: str, data: dict, path: Path | None = None) -> None:
         raise ValueError(f"section must be 'ci' or 'book', got {section!r}")
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[section] = data
-    path.write_text(json.dumps(timings, indent=1, ensure_ascii=False) + "\n")
+    fileio.atomic_write_text(path, json.dumps(timings, indent=1, ensure_ascii=False) + "\n")
 
 
 def _said(status: str) -> str:

@@ -14,6 +14,13 @@ writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the b
 ``sparsekit prune ... --format compressed-tensors`` writes instead a new folder that transformers loads
 through its compressed-tensors integration (:func:`sparsekit.formats.compressed_tensors.save_compressed`).
 
+Paths are checked before any work (exit 2, naming the argument): a model that is neither an existing
+folder nor a reachable hub id (a folder with a ``manifest.json`` must also verify), a ``--device`` this
+machine lacks, an ``--out`` that is a file, lies in an unwritable folder, exists, or equals or lies inside
+an input folder (the last two are allowed with ``--overwrite``). An output folder is written whole or not
+at all (:func:`sparsekit.fileio.staged_directory`: built in a temp sibling, ``manifest.json`` last,
+renamed into place); a killed run leaves only the temp sibling, which the next run removes.
+
 Each subcommand is a pair ``(add_arguments(parser), run(args) -> exit code)`` listed in ``COMMANDS``;
 a new subcommand is one more entry there.
 """
@@ -25,7 +32,117 @@ import json
 import sys
 from pathlib import Path
 
+from sparsekit import fileio
+
 __all__ = ["main", "build_parser", "text_calibration_batches"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# paths, checked before any work
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (also the input's own folder); the old folder is "
+                             "replaced only once the new one is complete")
+
+
+def _hub_id_reason(value: str) -> str | None:
+    """Why ``value`` cannot be used as a hub id here (``None``: it can: cached locally or hub reachable)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return "it is not in the form of a hub id (owner/name) either"
+    if isinstance(try_to_load_from_cache(value, "config.json"), str):
+        return None
+    from sparsekit.tasks.real import hub_reachable
+
+    if hub_reachable():
+        return None
+    return "the Hugging Face hub is unreachable from here and no copy is in the local cache"
+
+
+def check_model_source(value: str, argument: str) -> None:
+    """A model argument must be an existing model folder (verified when it has a manifest) or a hub id
+    that is cached or reachable; else ``ValueError`` naming ``argument``."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if (path / fileio.MANIFEST).is_file():
+            try:
+                fileio.verify_manifest(path)
+            except fileio.IncompleteOutputError as error:
+                raise ValueError(f"{argument} {value!r} is an incomplete or damaged sparsekit output, "
+                                 f"refused: {error}") from None
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{argument} {value!r} is a folder without config.json; pass a folder saved "
+                             "with save_pretrained")
+        return
+    if path.exists():
+        raise ValueError(f"{argument} {value!r} is a file; pass a model folder or a hub id")
+    reason = _hub_id_reason(value)
+    if reason is not None:
+        raise ValueError(f"{argument} {value!r} is neither an existing folder nor a reachable Hugging Face "
+                         f"hub id: no such folder, and {reason}")
+
+
+def check_out_folder(out: Path, inputs: dict[str, str | None], overwrite: bool) -> None:
+    """``--out`` must not be a file, must be creatable, and is refused when it exists or equals (or lies
+    inside) one of the input folders ``inputs`` (argument -> path), unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path")
+    target = out.expanduser().resolve()
+    for argument, source in inputs.items():
+        if source is None or not Path(source).expanduser().is_dir():
+            continue
+        folder = Path(source).expanduser().resolve()
+        if not overwrite and (target == folder or folder in target.parents):
+            where = "is" if target == folder else "lies inside"
+            raise ValueError(f"--out {str(out)!r} {where} the input folder of {argument} ({source!r}); "
+                             "writing there would overwrite the input: pass another --out, or --overwrite")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {str(out)!r} exists; pass another --out, or --overwrite to replace it")
+    fileio.check_writable_parent(out, "--out")
+
+
+def check_out_file(out: Path) -> None:
+    """A file output (``bench --out``): not an existing folder, in a folder that can be written."""
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing folder; pass a file path")
+    fileio.check_writable_parent(out, "--out")
+
+
+def check_device(value: str | None, argument: str = "--device") -> None:
+    """``value`` must name a device this machine has (``cpu``, and ``cuda[:i]``/``mps`` when present)."""
+    if value is None:
+        return
+    import torch
+
+    allowed = ["cpu"]
+    if torch.cuda.is_available():
+        allowed += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        allowed.append("mps")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is not None and (device.type == "cpu" or str(device) in allowed):
+        return
+    raise ValueError(f"{argument} {value!r} is not available on this machine; allowed: {allowed}")
+
+
+def check_calibration_source(value: str | None) -> None:
+    """``--calib`` must be an existing text file or a sparsekit task name."""
+    if value is None or Path(value).is_file():
+        return
+    from sparsekit import tasks
+
+    if value not in tasks.names():
+        raise ValueError(f"--calib {value!r} is neither an existing file nor a task name; allowed: a .txt "
+                         f"or .jsonl file, or one of {tasks.names()}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,6 +207,7 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="safetensors (default: save_pretrained, plus quantized_weights.safetensors with "
                              "--bits) or compressed-tensors (a new folder that transformers loads through "
                              "its compressed-tensors integration; int8/int4 pack-quantized with --bits)")
+    _add_overwrite_argument(parser)
     _add_quant_arguments(parser)
 
 
@@ -207,7 +325,7 @@ def _check_prune_arguments(args) -> None:
     for option in ("n_calib", "seq_len", "batch_size", "blocksize"):
         _validate.integer(getattr(args, option), "--" + option.replace("_", "-"), low=1)
     _validate.real(args.percdamp, "--percdamp", low=0.0, allowed="a finite number >= 0")
-    if getattr(args, "format", None) == "compressed-tensors" and args.out.exists():
+    if getattr(args, "format", None) == "compressed-tensors" and args.out.exists() and not args.overwrite:
         raise ValueError(f"--out {str(args.out)!r} exists; --format compressed-tensors writes a new folder")
 
 
@@ -221,14 +339,25 @@ def _saved_tokenizer(path: str):
         return None
 
 
-def _save_compressed_tensors(model, quantized_report, tokenizer, out: Path) -> Path:
+def _save_compressed_tensors(model, quantized_report, tokenizer, out: Path, overwrite: bool) -> Path:
     """The pruned (and quantized) model as a new compressed-tensors folder (``save_compressed``)."""
     from sparsekit.formats.compressed_tensors import save_compressed
 
-    return save_compressed(model, out, quantized_report, tokenizer=tokenizer)
+    return save_compressed(model, out, quantized_report, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _check_prune_paths(args) -> None:
+    """Every path and device of ``sparsekit prune``, checked before the model is loaded."""
+    check_out_folder(args.out, {"model": args.model, "--tokenizer": args.tokenizer}, args.overwrite)
+    check_model_source(args.model, "model")
+    if args.tokenizer is not None:
+        check_model_source(args.tokenizer, "--tokenizer")
+    check_calibration_source(args.calib)
+    check_device(args.device)
 
 
 def run_prune(args) -> int:
+    _check_prune_paths(args)
     import torch
 
     from sparsekit.masks import sparsity_report
@@ -250,26 +379,33 @@ def run_prune(args) -> int:
                "magnitude": {"scope": args.magnitude_scope}}.get(args.method, {})
     report = prune_model(model, batches, args.method, args.sparsity, nm=args.nm, targets=args.targets,
                          quant=quant, progress=not args.quiet, **options)
-    if args.format == "compressed-tensors":
-        saved = _save_compressed_tensors(model, report if quant is not None else None, tokenizer, args.out)
-        report = report.drop(columns="quantized") if quant is not None else report
-    else:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if quant is not None:
-            saved = _save_quantized(report, args.nm, args.out / "quantized_weights.safetensors")
-            report = report.drop(columns="quantized")
-        model.save_pretrained(args.out, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
     summary = sparsity_report(model, args.targets)
     overall = summary.iloc[-1]
-    (args.out / "prune_report.json").write_text(json.dumps({
+    layers = report.drop(columns="quantized") if quant is not None else report
+    record = {
         "model": str(args.model), "calib": args.calib and str(args.calib), "method": args.method,
         "options": {k: v for k, v in options.items() if k != "quantizer"},
         "sparsity": None if args.nm else args.sparsity, "nm": list(args.nm) if args.nm else None,
-        "overall_sparsity": float(overall["sparsity"]), "layers": report.to_dict(orient="records"),
+        "overall_sparsity": float(overall["sparsity"]),
+        "layers": layers.to_dict(orient="records"),
         "quant": quant.to_dict() if quant is not None else None,
-    }, indent=2, default=list))
+    }
+    if args.format == "compressed-tensors":
+        saved = _save_compressed_tensors(model, report if quant is not None else None, tokenizer, args.out,
+                                         args.overwrite)
+        report = report.drop(columns="quantized") if quant is not None else report
+        fileio.atomic_write_text(args.out / "prune_report.json", json.dumps(record, indent=2, default=list))
+        fileio.write_manifest(args.out)  # the report joins the completed folder's record
+    else:
+        with fileio.staged_directory(args.out, overwrite=args.overwrite) as staged:
+            if quant is not None:
+                weights = _save_quantized(report, args.nm, staged / "quantized_weights.safetensors")
+                saved = args.out / weights.name
+                report = report.drop(columns="quantized")
+            model.save_pretrained(staged, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staged)
+            (staged / "prune_report.json").write_text(json.dumps(record, indent=2, default=list))
     print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"overall sparsity of the pruned layers: {overall['sparsity']:.4f} "
           f"({int(overall['zeros'])} of {int(overall['params'])} weights are zero)")
@@ -313,6 +449,7 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="validation rows to evaluate (a task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_overwrite_argument(parser)
 
 
 def _data_file_rows(path: Path, student_dir: str, seq_len: int) -> list[dict]:
@@ -332,7 +469,18 @@ def _data_file_rows(path: Path, student_dir: str, seq_len: int) -> list[dict]:
     return [{"input_ids": ids[i:i + seq_len]} for i in range(0, len(ids) - seq_len + 1, seq_len)]
 
 
+def _check_finetune_paths(args) -> None:
+    """Every path of ``sparsekit finetune``, checked before any model is loaded."""
+    check_out_folder(args.out, {"student": args.student, "--teacher": args.teacher}, args.overwrite)
+    check_model_source(args.student, "student")
+    if args.teacher is not None:
+        check_model_source(args.teacher, "--teacher")
+    if args.data is not None and not args.data.is_file():
+        raise ValueError(f"--data {str(args.data)!r} is not an existing file; pass a .jsonl file")
+
+
 def run_finetune(args) -> int:
+    _check_finetune_paths(args)
     import functools
     import time
 
@@ -363,10 +511,6 @@ def run_finetune(args) -> int:
                       weight_decay=args.weight_decay, temperature=args.temperature, lora_rank=args.lora,
                       seed=args.seed, progress=not args.quiet, bf16=args.bf16)
     model = result.model
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
-    if task is not None and args.scale != "paper":
-        task.tokenizer(args.scale).save_pretrained(args.out)
     metrics = {"student": str(args.student), "teacher": args.teacher, "task": args.task,
                "data": str(args.data) if args.data else None, "train_rows": len(rows),
                "loss": result.loss_weights, "temperature": args.temperature, "steps": result.steps,
@@ -377,7 +521,11 @@ def run_finetune(args) -> int:
     if task is not None:
         metrics["validation"] = task.evaluate(model, "validation", limit=args.eval_limit, scale=args.scale)
     metrics["wall_s"] = time.perf_counter() - start
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with fileio.staged_directory(args.out, overwrite=args.overwrite) as staged:
+        model.save_pretrained(staged, safe_serialization=True)
+        if task is not None and args.scale != "paper":
+            task.tokenizer(args.scale).save_pretrained(staged)
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
     last = result.record[-1] if result.record else {}
     print(f"{result.steps} steps in {result.wall_s:.1f} s; last loss {last.get('loss', float('nan')):.4f}; "
           f"sparsity {before:.4f} -> {metrics['sparsity_after']:.4f}; "
@@ -419,6 +567,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> int:
+    if args.out is not None:
+        check_out_file(args.out)
     import torch
 
     from sparsekit import benchmarking

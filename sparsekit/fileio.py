@@ -46,6 +46,13 @@ def _follow_umask(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _follow_umask_tree(directory: Path) -> None:
+    """Give every file and folder below ``directory`` the umask's mode (safetensors writes 0600 files)."""
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            _follow_umask(path, is_dir=path.is_dir())
+
+
 def _temp_prefix(final: Path) -> str:
     return f".{final.name}{_TMP_MARK}{os.getpid()}-"
 
@@ -76,7 +83,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def check_writable_parent(path: str | os.PathLike, argument: str = "path") -> Path:
     """Check, before any work, that ``path`` can be created: its parent is (or can be made) a writable folder.
 
-    Raises ``ValueError`` naming ``argument`` when the parent is a file or not writable.
+    Raises ``ValueError`` naming ``argument`` when the parent is a file or not writable. Writability is
+    tried (a temp file is created in the nearest existing folder and removed at once), since permission
+    bits say nothing on a read-only file system or for root.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -87,6 +96,13 @@ def check_writable_parent(path: str | os.PathLike, argument: str = "path") -> Pa
         raise ValueError(f"{argument}={str(path)!r}: {str(probe)!r} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}={str(path)!r}: the folder {str(probe)!r} is not writable")
+    try:
+        fd, trial = tempfile.mkstemp(prefix=_temp_prefix(path), dir=probe)
+    except OSError as error:
+        raise ValueError(f"{argument}={str(path)!r}: the folder {str(probe)!r} is not writable "
+                         f"({error.strerror})") from None
+    os.close(fd)
+    os.unlink(trial)
     return path
 
 
@@ -234,6 +250,7 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     ``with staged_directory(out) as tmp: model.save_pretrained(tmp)``. On an exception the temp folder is
     removed and ``final`` is untouched. An existing ``final`` is refused unless ``overwrite=True``; then it is
     replaced only after the new folder is complete (a crash in between leaves the old one or a stale temp).
+    Every file and folder inside gets the umask's mode before the manifest is written.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -244,6 +261,7 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     try:
         _follow_umask(tmp, is_dir=True)
         yield tmp
+        _follow_umask_tree(tmp)
         write_manifest(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))

@@ -249,3 +249,93 @@ def test_numpy_scalars_and_zero_dim_tensors_are_numbers():
     prune_model(model_b, batches(), "wanda", 0.5, nm=(2, 4), progress=False)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- issue 19, files and paths: every command checks its paths before it loads or prunes anything -------
+
+def _damaged_output(root, tmp):
+    """A copy of the model folder completed with a manifest, then one bit of its config flipped."""
+    import shutil
+
+    from sparsekit import fileio
+
+    folder = shutil.copytree(root / "llama", tmp / "damaged")
+    fileio.write_manifest(folder)
+    data = bytearray((folder / "config.json").read_bytes())
+    data[-3] ^= 0x01
+    (folder / "config.json").write_bytes(bytes(data))
+    return folder
+
+
+def _prune_argv(root, tmp, model=None, out=None, *extra):
+    model = root / "llama" if model is None else model
+    out = tmp / "out" if out is None else out
+    return ["prune", str(model), "--method", "magnitude", "--out", str(out), "--quiet", *extra]
+
+
+def _finetune_argv(root, tmp, student=None, out=None, *extra):
+    student = root / "llama" if student is None else student
+    out = tmp / "out" if out is None else out
+    return ["finetune", str(student), "--task", "math", "--steps", "1", "--out", str(out), "--quiet", *extra]
+
+
+def _make(path, kind):
+    if kind == "dir":
+        path.mkdir()
+    else:
+        path.write_text("x")
+    return path
+
+
+PATH_CASES = [
+    ("prune out equals the model folder", lambda r, t: _prune_argv(r, t, out=r / "llama"), "--out"),
+    ("prune out inside the model folder", lambda r, t: _prune_argv(r, t, out=r / "llama" / "pruned"),
+     "--out"),
+    ("prune out an existing file", lambda r, t: _prune_argv(r, t, out=_make(t / "f", "file")), "--out"),
+    ("prune out under a file", lambda r, t: _prune_argv(r, t, out=_make(t / "f", "file") / "o"), "--out"),
+    ("prune out exists, no --overwrite", lambda r, t: _prune_argv(r, t, out=_make(t / "o", "dir")), "--out"),
+    ("prune out in an unwritable folder", lambda r, t: _prune_argv(r, t, out="/proc/sparsekit-none/o"),
+     "--out"),
+    ("prune model folder missing", lambda r, t: _prune_argv(r, t, model=t / "no_such_model"), "model"),
+    ("prune model a file", lambda r, t: _prune_argv(r, t, model=r / "calib.txt"), "model"),
+    ("prune model folder without config", lambda r, t: _prune_argv(r, t, model=_make(t / "e", "dir")),
+     "model"),
+    ("prune model output damaged after writing", lambda r, t: _prune_argv(r, t, model=_damaged_output(r, t)),
+     "model"),
+    ("prune tokenizer folder missing",
+     lambda r, t: _prune_argv(r, t, None, None, "--tokenizer", str(t / "n")), "--tokenizer"),
+    ("prune device absent here", lambda r, t: _prune_argv(r, t, None, None, "--device", "cuda:7"),
+     "--device"),
+    ("prune device not a device", lambda r, t: _prune_argv(r, t, None, None, "--device", "gpu"), "--device"),
+    ("prune calib file missing", lambda r, t: [*_prune_argv(r, t), "--method", "wanda", "--calib",
+                                                 str(t / "missing.txt")], "--calib"),
+    ("finetune student missing", lambda r, t: _finetune_argv(r, t, student=t / "no_student"), "student"),
+    ("finetune teacher missing", lambda r, t: _finetune_argv(r, t, None, None, "--teacher", str(t / "n")),
+     "--teacher"),
+    ("finetune data file missing", lambda r, t: ["finetune", str(r / "llama"), "--data", str(t / "d.jsonl"),
+                                                 "--steps", "1", "--out", str(t / "o")], "--data"),
+    ("finetune out equals the student", lambda r, t: _finetune_argv(r, t, out=r / "llama"), "--out"),
+    ("bench out an existing folder", lambda r, t: ["bench", "--out", str(_make(t / "b", "dir"))], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv, argument", [case[1:] for case in PATH_CASES],
+                         ids=[case[0] for case in PATH_CASES])
+def test_bad_path_exits_with_a_usage_error_naming_the_argument_before_any_work(saved_model, tmp_path, capsys,
+                                                                               monkeypatch, argv, argument):
+    import sparsekit.cli
+
+    def no_model(path):
+        raise AssertionError(f"a model was loaded ({path}) before the paths were checked")
+
+    monkeypatch.setattr(sparsekit.cli, "_load_model", no_model)
+    with pytest.raises(SystemExit) as info:
+        main(argv(saved_model, tmp_path))
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert re.search(rf"(^|\W){re.escape(argument)}(\W|$)", err), err
+    assert not (saved_model / "llama" / "manifest.json").exists()  # the input was not written
+
+
+def test_the_path_table_is_large_and_has_no_duplicates():
+    assert len(PATH_CASES) >= 12 and len({case[0] for case in PATH_CASES}) == len(PATH_CASES)

@@ -195,6 +195,7 @@ def test_save_table_writes_beside_the_chapter_only_in_a_book_run(tmp_path, monke
 def test_teachers_say_whether_they_were_trained_or_loaded(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from sparsekit import fileio
     from sparsekit.tasks import train_all
 
     class FakeTask:
@@ -207,6 +208,7 @@ def test_teachers_say_whether_they_were_trained_or_loaded(tmp_path, monkeypatch)
         def teacher(self, scale, progress=True):
             (tmp_path / scale).mkdir(exist_ok=True)
             (tmp_path / scale / "meta.json").write_text("{}")
+            fileio.write_manifest(tmp_path / scale)  # a complete cache entry
             return "model"
 
     def get(name):

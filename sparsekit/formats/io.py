@@ -13,6 +13,8 @@ File layout: every part of a compressed weight ``name`` is the tensor ``"{name}.
 ``load_sparse`` refuses (``ValueError`` naming the file and the weight) a file that is not a sparsekit
 file, a newer version, a missing or unexpected part, a checksum mismatch (flipped bits) or a structure
 that fails the format's validation; a truncated file fails in safetensors and is reported the same way.
+``save_sparse`` writes the file whole or not at all (:func:`sparsekit.fileio.atomic_write_bytes`: a temp
+file in the same folder, fsynced, renamed into place, mode from the umask).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from sparsekit import fileio
 from sparsekit.formats.base import FORMATS, SparseWeight
 
 __all__ = ["save_sparse", "load_sparse", "FILE_VERSION"]
@@ -71,7 +74,7 @@ def save_sparse(path, weights: dict, metadata: dict[str, str] | None = None) -> 
     meta[META_KEY] = json.dumps({"version": FILE_VERSION, "weights": entries,
                                  "weights_sha256": _entries_digest(entries)})
     path = Path(path)
-    save_file(tensors, str(path), metadata=meta)
+    fileio.atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
 
 

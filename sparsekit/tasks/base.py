@@ -8,8 +8,11 @@ metric.
 
 Caches are keyed by content: :meth:`Task.data_key` digests the generated rows of every split and the
 versions of everything that generated them (:meth:`Task.generators`); the tokenizer's key adds a digest
-of the task's tokenizer-training code; the teacher's key adds the model and training configs. A cached
-teacher is used with the tokenizer saved beside it. Every ``evaluate(limit=...)`` is validated here
+of the task's tokenizer-training code; the teacher's key adds the model and training configs and a digest
+of the code that builds and trains it (:meth:`Task.teacher_code_key`). A cached teacher is used with the
+tokenizer saved beside it. Cached tokenizers and teachers are folders written by
+:func:`sparsekit.fileio.staged_directory` and served only when their manifest verifies; an entry that
+does not is rebuilt with a warning naming it. Every ``evaluate(limit=...)`` is validated here
 (``limit`` is a positive int or ``None``), once for all tasks.
 
 ``real`` holds the paper's version of the task (:mod:`sparsekit.tasks.real`: its dense teacher
@@ -28,14 +31,15 @@ import hashlib
 import inspect
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sparsekit import _validate
-from sparsekit.tasks import cache
+from sparsekit import _validate, fileio
+from sparsekit.tasks import cache, training
 from sparsekit.tasks.real import PAPER_NOTE, RealPath  # noqa: F401  (re-exported: the paper path)
 from sparsekit.tasks.training import seed_everything, train
 
@@ -95,6 +99,21 @@ def code_digest(function) -> str:
         return [code.co_code.hex(), list(code.co_names), [constant(c) for c in code.co_consts]]
 
     return digest(material(inspect.unwrap(function).__code__))
+
+
+def _verified_entry(path, kind: str) -> bool:
+    """Whether the cache folder ``path`` may be served: its stale temp siblings are removed first; a
+    folder whose manifest does not verify is not served, with one warning naming it (it is rebuilt)."""
+    fileio.clean_stale_temps(path.parent)
+    if not path.exists():
+        return False
+    try:
+        fileio.verify_manifest(path)
+    except fileio.IncompleteOutputError as error:
+        warnings.warn(f"the cached {kind} {str(path)!r} failed verification and is rebuilt: {error}",
+                      stacklevel=3)
+        return False
+    return True
 
 
 def digest(obj) -> str:
@@ -248,11 +267,12 @@ class Task:
             return self._tokenizers["paper"]
         if scale not in self._tokenizers:
             path = self.tokenizer_path(scale)
-            if (path / "tokenizer.json").exists():
+            if _verified_entry(path, "tokenizer"):
                 tok = PreTrainedTokenizerFast.from_pretrained(str(path))
             else:
                 tok = self._train_tokenizer(scale)
-                tok.save_pretrained(str(path))
+                with fileio.staged_directory(path, overwrite=True) as tmp:
+                    tok.save_pretrained(str(tmp))
             self._tokenizers[scale] = tok
         return self._tokenizers[scale]
 
@@ -314,8 +334,19 @@ class Task:
         return [self.collate(rows[i : min(n, i + batch_size)], scale) for i in range(0, n, batch_size)]
 
     # ---- teacher ------------------------------------------------------------------------------
+    def teacher_code_key(self) -> str:
+        """Digest (:func:`code_digest`) of the code that builds and trains the teacher: the shared loop
+        (:func:`sparsekit.tasks.training.train`, its schedule and seeding) and this task's model, batch and
+        callback methods. Changing any of them (e.g. AdamW's betas in the loop) changes the teacher key."""
+        functions = {"train": train, "lr_at": training.lr_at, "seed_everything": seed_everything}
+        for name in ("model_class", "new_model", "collate", "row_length", "train_batches", "_train_callback",
+                     "_train_teacher"):
+            functions[name] = getattr(type(self), name)
+        return digest({name: code_digest(function) for name, function in functions.items()})
+
     def teacher_key(self, scale: str = "book") -> str:
-        """Digest of the task, scale, model and training configs, and :meth:`tokenizer_key` (the data)."""
+        """Digest of the task, scale, model and training configs, :meth:`tokenizer_key` (the data) and
+        :meth:`teacher_code_key` (the training code)."""
         return cache.cache_key(
             self.name,
             scale,
@@ -323,6 +354,7 @@ class Task:
             self.train_config(scale).to_dict(),
             self.data_version,
             data_key=self.tokenizer_key(scale),
+            code_key=self.teacher_code_key(),
         )
 
     def teacher_path(self, scale: str = "book"):
@@ -332,7 +364,8 @@ class Task:
         """The dense teacher: loaded from the cache, or trained from scratch and cached (eval mode).
 
         A cached teacher brings the tokenizer saved beside it, which becomes this task's tokenizer of
-        ``scale``. At ``scale="paper"`` the paper's hub model (internet; a GPU in practice).
+        ``scale``; it is served only when its manifest verifies, else retrained (one warning naming the
+        entry). At ``scale="paper"`` the paper's hub model (internet; a GPU in practice).
         """
         from transformers import PreTrainedTokenizerFast
 
@@ -340,19 +373,19 @@ class Task:
         if scale == "paper":  # the paper's dense teacher (sparsekit.tasks.real), on the GPU when there is one
             return self.real.load_model().to("cuda" if torch.cuda.is_available() else "cpu").eval()
         path = self.teacher_path(scale)
-        if (path / "meta.json").exists() and (path / "model.safetensors").exists():
+        if _verified_entry(path, "teacher"):
             self._tokenizers[scale] = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
             return self.model_class().from_pretrained(str(path), use_safetensors=True).eval()
+        return self._train_teacher(scale, path, progress)
+
+    def _train_teacher(self, scale: str, path, progress: bool = True):
+        """Train a teacher from scratch and write it to ``path`` whole (a staged folder, manifest last)."""
         model = self.new_model(scale)
         config = self.train_config(scale)
         batches = self.train_batches(config.batch_size, scale, seed=config.seed)
         start = time.perf_counter()
         curve = train(model, batches, config, progress=progress, callback=self._train_callback(scale))
         wall = time.perf_counter() - start
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer(scale).save_pretrained(str(path / "tokenizer"))
-        cache.write_json(path / "curve.json", curve)
         meta = {
             "task": self.name,
             "scale": scale,
@@ -367,7 +400,11 @@ class Task:
             "sec_per_step": wall / config.steps,
             "torch_threads": torch.get_num_threads(),
         }
-        cache.write_json(path / "meta.json", meta)  # written last: its presence marks a complete entry
+        with fileio.staged_directory(path, overwrite=True) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            self.tokenizer(scale).save_pretrained(str(tmp / "tokenizer"))
+            cache.write_json(tmp / "curve.json", curve)
+            cache.write_json(tmp / "meta.json", meta)
         return model.eval()
 
     def _train_callback(self, scale: str):
@@ -377,7 +414,7 @@ class Task:
     def training_log(self, scale: str = "book") -> dict:
         """``{"curve": [...], "meta": {...}}`` of the cached teacher (trains it if needed)."""
         path = self.teacher_path(scale)
-        if not (path / "meta.json").exists():
+        if not fileio.is_complete(path):
             self.teacher(scale)
         return {"curve": cache.read_json(path / "curve.json"), "meta": cache.read_json(path / "meta.json")}
 

@@ -5,12 +5,17 @@ A teacher lives in ``<cache>/teachers/<task>-<scale>-<key>/`` with
 - ``model.safetensors`` + ``config.json`` (``save_pretrained(safe_serialization=True)``; loaded with
   ``from_pretrained(use_safetensors=True)``, never through pickle),
 - ``tokenizer/`` (the tokenizer trained here, ``save_pretrained``),
-- ``curve.json`` (the training curve) and ``meta.json`` (key material, wall time, sec/step).
+- ``curve.json`` (the training curve) and ``meta.json`` (key material, wall time, sec/step),
+- ``manifest.json`` (the sha256 of every file, written last: :func:`sparsekit.fileio.staged_directory`).
+
+The entry is built in a temp sibling and renamed into place; it is served only when its manifest
+verifies (:func:`sparsekit.fileio.verify_manifest`), otherwise it is retrained with a warning naming it.
 
 The key is a SHA-256 of the task name, the scale, the model config, the training config, the task's
-data version and a digest of the data itself (the generated rows of every split, the versions of their
-generators and the tokenizer's code; see :meth:`sparsekit.tasks.base.Task.tokenizer_key`), so changing
-any of them trains a new teacher instead of reusing a stale one.
+data version, a digest of the data itself (the generated rows of every split, the versions of their
+generators and the tokenizer's code; see :meth:`sparsekit.tasks.base.Task.tokenizer_key`) and a digest
+of the code that builds and trains the teacher (:meth:`sparsekit.tasks.base.Task.teacher_code_key`), so
+changing any of them trains a new teacher instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from sparsekit import fileio
 
 __all__ = ["cache_dir", "cache_key", "teacher_dir", "data_dir", "write_json", "read_json"]
 
@@ -35,7 +42,8 @@ def _canonical(obj) -> str:
 
 
 def cache_key(
-    task: str, scale: str, model_config: dict, train_config: dict, data_version: str, data_key: str = ""
+    task: str, scale: str, model_config: dict, train_config: dict, data_version: str, data_key: str = "",
+    code_key: str = "",
 ) -> str:
     """Hex SHA-256 (first 16 digits) of everything that determines a trained teacher."""
     material = {
@@ -45,6 +53,7 @@ def cache_key(
         "train_config": train_config,
         "data_version": data_version,
         "data_key": data_key,
+        "code_key": code_key,
     }
     return hashlib.sha256(_canonical(material).encode()).hexdigest()[:16]
 
@@ -61,11 +70,8 @@ def data_dir(task: str, scale: str, data_version: str) -> Path:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    """Write ``obj`` as standard JSON atomically (:func:`sparsekit.fileio.atomic_write_json`)."""
+    fileio.atomic_write_json(path, obj, default=str)
 
 
 def read_json(path: Path):

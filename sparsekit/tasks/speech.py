@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import subprocess
+import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsekit import fileio
 from sparsekit.tasks import audio, cache
 from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale, code_digest, digest
 from sparsekit.tasks.decoding import greedy_decode, trim_at_eos
@@ -380,11 +382,16 @@ class SpeechTask(Task):
         return self._features[scale]
 
     def _load_or_synthesize(self, spec: SpeechSpec, scale: str, path: Path) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
         from tqdm.auto import tqdm
 
+        fileio.clean_stale_temps(path.parent)
         if path.exists():
-            return load_file(str(path))["input_features"]
+            try:
+                return load_file(str(path))["input_features"]
+            except Exception as error:  # safetensors raises its own types for a damaged file
+                warnings.warn(f"the cached speech features {str(path)!r} are unreadable and are rebuilt: "
+                              f"{error}", stacklevel=2)
         rows = sorted(
             (r for s in ("train", "validation", "test", "calibration") for r in self.rows(s, scale)),
             key=lambda r: r["clip"],
@@ -395,9 +402,7 @@ class SpeechTask(Task):
             for i in tqdm(range(0, len(clips), 500), desc="log-mel")
         ]
         feats = torch.cat(chunks).contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file({"input_features": feats}, str(tmp))
-        tmp.replace(path)
+        fileio.atomic_write_bytes(path, save({"input_features": feats}))
         return feats
 
     # ---- tokenizer ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from sparsekit import tasks
+from sparsekit import fileio, tasks
 from sparsekit.tasks import training
 
 
@@ -29,7 +29,7 @@ def ready_teacher(name: str, scale: str, progress: bool = True, log=print) -> di
     start = time.perf_counter()
     try:
         task = tasks.get(name)
-        cached = (task.teacher_path(scale) / "meta.json").exists()
+        cached = fileio.is_complete(task.teacher_path(scale))
         if not cached:
             steps = task.train_config(scale).steps
             log(f"teacher {name} ({scale}): not in the cache, training {steps} steps")
