@@ -325,8 +325,6 @@ def _check_prune_arguments(args) -> None:
     for option in ("n_calib", "seq_len", "batch_size", "blocksize"):
         _validate.integer(getattr(args, option), "--" + option.replace("_", "-"), low=1)
     _validate.real(args.percdamp, "--percdamp", low=0.0, allowed="a finite number >= 0")
-    if getattr(args, "format", None) == "compressed-tensors" and args.out.exists() and not args.overwrite:
-        raise ValueError(f"--out {str(args.out)!r} exists; --format compressed-tensors writes a new folder")
 
 
 def _saved_tokenizer(path: str):

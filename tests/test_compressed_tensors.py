@@ -336,5 +336,5 @@ def test_cli_prune_writes_a_compressed_tensors_folder(saved, tmp_path, capsys): 
         assert float((linear.weight == 0).float().mean()) >= 0.5, name  # + kept weights that round to 0
     with pytest.raises(SystemExit) as exit_info:
         run(saved, "mpt", out, *extra, "--format", "compressed-tensors")
-    assert exit_info.value.code == 2 and "exists; --format compressed-tensors writes a new folder" in \
+    assert exit_info.value.code == 2 and "exists; pass another --out, or --overwrite to replace it" in \
         capsys.readouterr().err
