@@ -115,7 +115,8 @@ class RecoveryConfig:
         if self.train_size is not None:
             _validate.integer(self.train_size, "train_size", low=0)
         for i, size in enumerate(self.train_sizes):
-            _validate.integer(size, f"train_sizes[{i}]", low=0, allowed="an integer >= 0 (0: the whole split)")
+            _validate.integer(size, f"train_sizes[{i}]", low=0,
+                              allowed="an integer >= 0 (0: the whole split)")
         for i, seed in enumerate(self.seeds):
             _validate.integer(seed, f"seeds[{i}]")
         _validate.real(self.lr, "lr", low=0.0, low_open=True)

@@ -134,11 +134,19 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
                           steps=trainer.state.global_step, loss_weights=weights)
 
 
+def _token_ids(values, name: str) -> torch.Tensor:
+    ids = torch.as_tensor(values)
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise TypeError(f"{name} must be integer token ids; got dtype {ids.dtype}")
+    return ids.long()
+
+
 def pad_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad token rows (``input_ids``, optional ``attention_mask`` and ``labels``) into a batch.
 
     Missing ``attention_mask``: 1 on every token; missing ``labels``: the ``input_ids`` (a causal LM
     learns every token). Padding: ``pad_id`` in ``input_ids``, 0 in the mask, ``-100`` in ``labels``.
+    Token ids and labels must be integers (``TypeError`` naming the row: a float is never rounded silently).
     """
     width = max(len(row["input_ids"]) for row in rows)
     batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
@@ -146,11 +154,11 @@ def pad_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     label_width = max(len(row.get("labels", row["input_ids"])) for row in rows)
     batch["labels"] = torch.full((len(rows), label_width), -100, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        ids = _token_ids(row["input_ids"], f"rows[{i}]['input_ids']")
         batch["input_ids"][i, :len(ids)] = ids
         mask = torch.as_tensor(row.get("attention_mask", [1] * len(ids)), dtype=torch.long)
         batch["attention_mask"][i, :len(mask)] = mask
-        labels = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long)
+        labels = _token_ids(row.get("labels", row["input_ids"]), f"rows[{i}]['labels']")
         if "labels" not in row:
             labels = labels.masked_fill(mask[:len(labels)] == 0, -100)
         batch["labels"][i, :len(labels)] = labels

@@ -57,16 +57,16 @@ def check_batch(batch: Mapping, aligned_labels: torch.Tensor | None, loss_weight
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         empty = (mask == 0).all(dim=1).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"{name}['attention_mask'] rows {empty} are all padding (every entry 0): attention "
-                             "over no token is NaN; drop empty rows from the data")
+            raise ValueError(f"{name}['attention_mask'] rows {empty} are all padding (every entry 0): "
+                             "attention over no token is NaN; drop empty rows from the data")
     if aligned_labels is None or not _labels_used(loss_weights, encoder_decoder):
         return
     no_target = (aligned_labels == IGNORE_INDEX).all(dim=-1).nonzero().flatten().tolist()
     if no_target:
         shifted = "" if encoder_decoder else " after the causal shift (a row's first token is never a target)"
-        raise ValueError(f"{name}['labels'] rows {no_target} have no target: every label is -100{shifted}, so "
-                         f"the loss {sorted(loss_weights)} averages over no position (NaN); drop those rows "
-                         "or give them targets")
+        raise ValueError(f"{name}['labels'] rows {no_target} have no target: every label is -100{shifted}, "
+                         f"so the loss {sorted(loss_weights)} averages over no position (NaN); drop those "
+                         "rows or give them targets")
 
 
 def check_rows(rows: Sequence, collate: Callable[[list], dict], config, loss_weights: Mapping[str, float],
@@ -79,8 +79,9 @@ def check_rows(rows: Sequence, collate: Callable[[list], dict], config, loss_wei
     for i, row in enumerate(rows):
         batch = collate([row])
         if not isinstance(batch, Mapping) or "labels" not in batch:
-            raise ValueError(f"collate(rows[{i}]) must return a dict of model inputs with 'labels' (-100 = no "
-                             f"target); got {sorted(batch) if isinstance(batch, Mapping) else type(batch)}")
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"collate(rows[{i}]) must return a dict of model inputs with 'labels' (-100 = "
+                             f"no target); got {got}")
         check_token_batch(config, dict(batch), f"rows[{i}]")
         check_batch(batch, aligned(batch["labels"]), loss_weights, encoder_decoder, f"rows[{i}]")
 
@@ -100,10 +101,10 @@ def check_teacher(student: nn.Module, teacher: nn.Module, loss_weights: Mapping[
     s_config, t_config = getattr(student, "config", None), getattr(teacher, "config", None)
     s_vocab, t_vocab = getattr(s_config, "vocab_size", None), getattr(t_config, "vocab_size", None)
     if s_vocab != t_vocab:
-        raise ValueError(f"teacher's vocabulary (vocab_size={t_vocab}, {type(teacher).__name__}) differs from "
-                         f"the student's (vocab_size={s_vocab}, {type(student).__name__}); the teacher reads the "
-                         f"student's token ids for every loss ({sorted(loss_weights)}): use the teacher the "
-                         "student was pruned from")
+        raise ValueError(f"teacher's vocabulary (vocab_size={t_vocab}, {type(teacher).__name__}) differs "
+                         f"from the student's (vocab_size={s_vocab}, {type(student).__name__}); the teacher "
+                         f"reads the student's token ids for every loss ({sorted(loss_weights)}): use the "
+                         "teacher the student was pruned from")
     if "squarehead" not in loss_weights:
         return
     s_width, t_width = getattr(s_config, "hidden_size", None), getattr(t_config, "hidden_size", None)
@@ -130,11 +131,15 @@ def _causes(step: int, values: Mapping[str, float], *, lr: float, temperature: f
         causes.append(f"the student holds {broken} NaN/Inf weights before any update")
     if step > 1 or broken:
         trend = ", ".join(f"step {entry['step']}: {entry['loss']:.4g}" for entry in history[-3:])
-        causes.append(f"the learning rate {lr:g} is too large (the earlier steps diverged"
-                      f"{': ' + trend if trend else ''}{f'; {broken} weights are NaN/Inf now' if broken else ''})")
+        now = f"; {broken} weights are NaN/Inf now" if broken else ""
+        causes.append(f"the learning rate {lr:g} is too large (the updates before this step diverged"
+                      f"{'; losses ' + trend if trend else ''}{now})")
     kd = values.get("kd")
     if kd is not None and not math.isfinite(kd):
         causes.append(f"the KD temperature {temperature:g} (the logits are divided by it)")
+    loss = values.get("loss", math.nan)
+    if "grad_norm" in values and math.isfinite(loss) and abs(loss) > 1e6:
+        causes.append(f"the loss {loss:.4g} is too large for its gradients (check the loss mix weights)")
     if not causes:
         causes.append(f"the learning rate {lr:g}, the KD temperature {temperature:g} or this batch's data "
                       "(batches without targets or with all-padding rows are refused before their step)")

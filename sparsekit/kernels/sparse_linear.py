@@ -179,7 +179,8 @@ class SparseLinear(nn.Module):
         stored ``[in, out]``), compressed as its ``[out, in]`` transpose so that the output is the same.
         """
         if not is_linear(linear):
-            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
+            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
         W = weight_out_in(linear).detach().contiguous()
         mask = W != 0
         if format == "auto":
