@@ -20,7 +20,8 @@ VOCAB = 50
 
 def tiny_gpt2(seed: int = 0):
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16)).eval()
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16)
+    return GPT2LMHeadModel(config).eval()
 
 
 def batches():

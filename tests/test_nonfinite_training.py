@@ -31,7 +31,8 @@ def tiny_gpt2(seed: int = 0):
 
 def run(student, teacher, loss="CE", rows=None, **options):
     options = {"steps": 6, "batch_size": 4, "warmup": 1, **options}
-    return finetune(student, teacher, rows if rows is not None else causal_rows(16), pad_collate, loss, **options)
+    rows = rows if rows is not None else causal_rows(16)
+    return finetune(student, teacher, rows, pad_collate, loss, **options)
 
 
 def test_an_explosive_learning_rate_stops_at_the_first_nonfinite_step_and_names_it(tmp_path):
@@ -140,9 +141,11 @@ def test_squarehead_on_a_decoder_only_model_needs_no_labels_but_an_encoder_decod
 def test_a_batch_without_targets_is_refused_by_the_trainer_itself(tmp_path):
     teacher = tiny_mpt()
     args = training_args(tmp_path, per_device_train_batch_size=8, max_steps=1)
-    trainer = SparseTrainer(pruned_copy(teacher), args, teacher=teacher, loss="CE",
-                            train_dataset=_without_targets(causal_rows(8), range(8)), data_collator=pad_collate)
-    with pytest.raises(ValueError, match=r"batch of optimizer step 1\['labels'\] rows \[0, 1, 2, 3, 4, 5, 6, 7\]"):
+    rows = _without_targets(causal_rows(8), range(8))
+    trainer = SparseTrainer(pruned_copy(teacher), args, teacher=teacher, loss="CE", train_dataset=rows,
+                            data_collator=pad_collate)
+    expected = r"batch of optimizer step 1\['labels'\] rows \[0, 1, 2, 3, 4, 5, 6, 7\] have no target"
+    with pytest.raises(ValueError, match=expected):
         trainer.train()
 
 
@@ -152,7 +155,8 @@ def test_token_ids_the_student_cannot_read_are_refused_by_name(make):
     rows = causal_rows(8)
     rows[2] = dict(rows[2], input_ids=rows[2]["input_ids"].clone())
     rows[2]["input_ids"][4] = VOCAB + 3
-    with pytest.raises(ValueError, match=rf"rows\[2\]\['input_ids'\].*vocab_size={VOCAB}.*the id {VOCAB + 3}"):
+    expected = rf"rows\[2\]\['input_ids'\].*vocab_size={VOCAB}.*the id {VOCAB + 3}"
+    with pytest.raises(ValueError, match=expected):
         run(pruned_copy(teacher), teacher, rows=rows, steps=2)
     rows = causal_rows(8)
     rows[0] = dict(rows[0], input_ids=rows[0]["input_ids"].float())
@@ -172,7 +176,8 @@ def test_sequences_longer_than_the_positions_are_refused_by_name():
 def test_a_teacher_with_another_vocabulary_is_refused_for_every_loss(loss):
     student = pruned_copy(tiny_llama())
     teacher = tiny_llama(vocab_size=VOCAB + 16)
-    with pytest.raises(ValueError, match=rf"teacher's vocabulary \(vocab_size={VOCAB + 16}.*vocab_size={VOCAB}"):
+    expected = rf"teacher's vocabulary \(vocab_size={VOCAB + 16}.*vocab_size={VOCAB}\b"
+    with pytest.raises(ValueError, match=expected):
         run(student, teacher, loss, steps=1)
 
 
@@ -220,8 +225,8 @@ def saved(tmp_path_factory):
 
 def _finetune_cli(saved, out, *extra):
     return main(["finetune", str(saved / "student"), "--teacher", str(saved / "teacher"), "--data",
-                 str(saved / "data.jsonl"), "--loss", "CE", "--steps", "6", "--batch-size", "4", "--warmup", "1",
-                 "--out", str(out), "--quiet", *extra])
+                 str(saved / "data.jsonl"), "--loss", "CE", "--steps", "6", "--batch-size", "4", "--warmup",
+                 "1", "--out", str(out), "--quiet", *extra])
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--temperature", "inf"),
