@@ -66,7 +66,8 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     (``ValueError`` naming it). Every row is checked before training: a row without targets (labels all
     -100), a row of padding only, or token ids the student cannot read raise ``ValueError`` naming the
     row. A NaN/infinite loss or gradient norm stops training at that step with
-    :class:`~sparsekit.distill.guards.NonFiniteLossError` (nothing is returned). ``lora_rank``: train LoRA
+    :class:`~sparsekit.distill.guards.NonFiniteLossError` (nothing is returned; the student, trained in
+    place, holds the weights of the last finite step and should be discarded). ``lora_rank``: train LoRA
     adapters of that rank instead of the weights, then merge them through the mask. The student is
     trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
     with LoRA, the returned model is the merged base model. ``lengths`` (one per row, e.g. tokens):
@@ -154,11 +155,11 @@ def pad_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     label_width = max(len(row.get("labels", row["input_ids"])) for row in rows)
     batch["labels"] = torch.full((len(rows), label_width), -100, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids = _token_ids(row["input_ids"], f"rows[{i}]['input_ids']")
+        ids = _token_ids(row["input_ids"], f"input_ids of batch row {i}")
         batch["input_ids"][i, :len(ids)] = ids
         mask = torch.as_tensor(row.get("attention_mask", [1] * len(ids)), dtype=torch.long)
         batch["attention_mask"][i, :len(mask)] = mask
-        labels = _token_ids(row.get("labels", row["input_ids"]), f"rows[{i}]['labels']")
+        labels = _token_ids(row.get("labels", row["input_ids"]), f"labels of batch row {i}")
         if "labels" not in row:
             labels = labels.masked_fill(mask[:len(labels)] == 0, -100)
         batch["labels"][i, :len(labels)] = labels

@@ -69,21 +69,37 @@ def check_batch(batch: Mapping, aligned_labels: torch.Tensor | None, loss_weight
                          "rows or give them targets")
 
 
-def check_rows(rows: Sequence, collate: Callable[[list], dict], config, loss_weights: Mapping[str, float],
-               aligned: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Every training row, collated on its own, passes :func:`check_batch` and the token checks.
-
-    ``aligned(labels)`` gives the labels as the losses see them. Errors name the row (``rows[i]``).
-    """
+def _check_collated(batch, config, loss_weights, aligned, name: str) -> None:
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"collate({name}) must return a dict of model inputs with 'labels' (-100 = no "
+                         f"target); got {got}")
+    check_token_batch(config, dict(batch), name)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    for i, row in enumerate(rows):
-        batch = collate([row])
-        if not isinstance(batch, Mapping) or "labels" not in batch:
-            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"collate(rows[{i}]) must return a dict of model inputs with 'labels' (-100 = "
-                             f"no target); got {got}")
-        check_token_batch(config, dict(batch), f"rows[{i}]")
-        check_batch(batch, aligned(batch["labels"]), loss_weights, encoder_decoder, f"rows[{i}]")
+    check_batch(batch, aligned(batch["labels"]), loss_weights, encoder_decoder, name)
+
+
+def check_rows(rows: Sequence, collate: Callable[[list], dict], config, loss_weights: Mapping[str, float],
+               aligned: Callable[[torch.Tensor], torch.Tensor], chunk: int = 64) -> None:
+    """Every training row passes :func:`check_batch` and the token checks; errors name the row (``rows[i]``).
+
+    ``aligned(labels)`` gives the labels as the losses see them. Rows are collated ``chunk`` at a time
+    (padding cannot hide a fault: a padded row of padding only is still all padding, a padded row without
+    targets still has none); a chunk that fails is checked row by row to name the row.
+    """
+    for start in range(0, len(rows), chunk):
+        part = list(rows[start:start + chunk])
+        name = f"rows[{start}:{start + len(part)}]"
+        try:
+            _check_collated(collate(part), config, loss_weights, aligned, name)
+        except (TypeError, ValueError):
+            for i, row in enumerate(part, start):
+                try:
+                    batch = collate([row])
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"rows[{i}] cannot be collated: {error}") from error
+                _check_collated(batch, config, loss_weights, aligned, f"rows[{i}]")
+            raise
 
 
 def _blocks(model: nn.Module) -> list[int]:
