@@ -249,3 +249,16 @@ def test_cli_stops_an_exploding_run_naming_the_step_and_writes_no_model(saved, t
     err = capsys.readouterr().err
     assert "fine-tuning stopped at optimizer step" in err and "learning rate 1e+30" in err
     assert not out.exists()
+
+
+def test_an_encoder_decoder_label_outside_the_vocabulary_and_an_mpt_row_past_max_seq_len_are_named():
+    t5 = tiny_t5()
+    rows = seq2seq_rows(8)
+    rows[6] = dict(rows[6], labels=rows[6]["labels"].clone())
+    rows[6]["labels"][0] = VOCAB
+    expected = rf"rows\[6\]\['labels'\] must hold token ids in \[0, {VOCAB}\) or -100"
+    with pytest.raises(ValueError, match=expected):
+        finetune(pruned_copy(t5), t5, rows, pad_collate, "CE", steps=1, batch_size=4)
+    mpt = tiny_mpt()  # max_seq_len 32
+    with pytest.raises(ValueError, match=r"rows\[0\]\['input_ids'\] must be at most 32 tokens .*Mpt"):
+        run(pruned_copy(mpt), mpt, rows=causal_rows(8, length=40), steps=1)
