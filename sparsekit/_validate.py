@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["real", "integer", "sparsity", "nm_pair", "choice", "tensor", "names", "finite"]
+__all__ = ["real", "integer", "sparsity", "nm_pair", "choice", "tensor", "names", "finite", "parser_type"]
 
 
 def _shown(value) -> str:
@@ -179,3 +179,28 @@ def names(value, name: str) -> list[str] | None:
     if not items:
         raise ValueError(f"{name} must name at least one layer (or be None for all); got {value!r}")
     return items
+
+
+def parser_type(flag: str, check=real, **bounds):
+    """An ``argparse`` ``type=`` function for the command-line number ``flag``, checked like an argument.
+
+    The text is read as an ``int`` (``check`` is :func:`integer`) or a ``float`` (any other ``check``:
+    :func:`real`, :func:`sparsity`), then checked by ``check(number, flag, **bounds)``; a failure becomes
+    ``argparse.ArgumentTypeError`` with the checker's message, so ``--lr inf`` exits with "argument --lr:
+    --lr must be a finite number in (0, inf); got inf" (``float("inf")`` parses; the check refuses it).
+    """
+    import argparse
+
+    def parse(text: str):
+        try:
+            number = int(text) if check is integer else float(text)
+        except ValueError:
+            kind = "an integer" if check is integer else "a number"
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind}; got {text!r}") from None
+        try:
+            return check(number, flag, **bounds)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = flag
+    return parse

@@ -18,7 +18,7 @@ from torch import nn
 from sparsekit import _validate
 
 __all__ = ["transformer_blocks", "prunable_linears", "capture_linear_inputs", "is_linear", "weight_out_in",
-           "in_features_of"]
+           "in_features_of", "layer_types"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -45,6 +45,13 @@ def in_features_of(module: nn.Module) -> int:
     return weight_out_in(module).shape[1]
 
 
+def layer_types(model: nn.Module) -> list[str]:
+    """The class names of the leaf modules that hold a weight (what an error about "no layer" shows)."""
+    names = {type(m).__name__ for m in model.modules()
+             if not list(m.children()) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    return sorted(names)
+
+
 def _holds_linear(module: nn.Module) -> bool:
     return any(is_linear(m) for m in module.modules())
 
@@ -67,7 +74,8 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not blocks:
         raise ValueError(
             f"model of type {type(model).__name__} has no nn.ModuleList of transformer blocks with "
-            "Linear layers; pass `targets` (names of the Linear layers to prune) explicitly"
+            f"Linear layers (nn.Linear or Conv1D; its layer types: {layer_types(model)}); pass `targets` "
+            "(names of the Linear layers to prune) explicitly"
         )
     return blocks
 

@@ -6,7 +6,8 @@ Hugging Face model (a local path, or a hub id when online) one shot, saves it wi
 ``--bits 8|4 [--group-size G] [--quant-method gptq|rtn]`` also quantizes every pruned layer (jointly
 inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized_weights.safetensors``
 (``load_sparse``). Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unusable
-(``HessianError``). ``sparsekit finetune STUDENT --teacher DIR (--task T | --data FILE) --out DIR
+(``HessianError``), 4 when fine-tuning stops at a non-finite loss or gradient norm (nothing is saved).
+``sparsekit finetune STUDENT --teacher DIR (--task T | --data FILE) --out DIR
 (--steps N | --epochs E)`` fine-tunes a pruned model with its mask kept (loss mix, optional LoRA) and
 writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the book driver
 (:mod:`sparsekit.book`).
@@ -161,6 +162,14 @@ counting conventions (sparsekit vs the reference implementations):
 exit codes: 0 done, 2 bad arguments, 3 a layer's calibration statistics are unusable
 (HessianError: NaN/Inf, or not positive definite even with dampening)."""
 EXIT_USAGE, EXIT_BAD_STATISTICS = 2, 3
+EXIT_NONFINITE = 4  # fine-tuning stopped at a NaN/infinite loss or gradient norm; nothing was saved
+
+
+def _number(flag: str, kind: str = "real", **bounds):
+    """An argparse ``type`` for ``flag``: a finite number (``nan``/``inf`` are refused, naming the flag)."""
+    from sparsekit import _validate
+
+    return _validate.parser_type(flag, getattr(_validate, kind), **bounds)
 
 
 def _nm(text: str) -> tuple[int, int]:
@@ -182,7 +191,7 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory for the pruned model")
     parser.add_argument("--method", default="sparsegpt", choices=("sparsegpt", "wanda", "magnitude"))
     pattern = parser.add_mutually_exclusive_group()
-    pattern.add_argument("--sparsity", type=float, default=0.5,
+    pattern.add_argument("--sparsity", type=_number("--sparsity", "sparsity"), default=0.5,
                          help="fraction of zeros in [0, 1) (default 0.5); round(S*n) weights pruned per "
                               "row, layer or SparseGPT block (see below)")
     pattern.add_argument("--nm", type=_nm, default=None, metavar="N:M",
@@ -196,7 +205,8 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per text sequence (default 512)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
-    parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
+    parser.add_argument("--percdamp", type=_number("--percdamp", low=0.0), default=0.01,
+                        help="SparseGPT dampening")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--device", default=None, help="where blocks are processed (default: cpu)")
     parser.add_argument("--scale", default=None, choices=("smoke", "book", "paper"),
@@ -240,10 +250,30 @@ def _save_quantized(report, nm, path: Path) -> Path:
     return save_sparse(path, weights)
 
 
+def _jsonl_rows(path: Path, flag: str) -> list[tuple[int, dict]]:
+    """``[(line number, row)]`` of a .jsonl file; a line that is not a JSON object raises naming it."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{flag} {path}: line {number} is not JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{flag} {path}: line {number} must be a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
+
+
 def _read_text(path: Path, field: str = "text") -> str:
     if path.suffix == ".jsonl":
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return "\n".join(str(row[field]) for row in lines)
+        rows = _jsonl_rows(path, "--calib")
+        for number, row in rows:
+            if field not in row:
+                raise ValueError(f"--calib {path}: line {number} has no {field!r} field (its keys: "
+                                 f"{sorted(row)}); every row of a .jsonl calibration file needs {field!r}")
+        return "\n".join(str(row[field]) for _, row in rows)
     return path.read_text()
 
 
@@ -429,14 +459,17 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--loss", default="CE+SquareHead",
                         help="CE | CE+KD | SquareHead | CE+SquareHead, or weights: ce=1,kd=0.5,squarehead=1")
-    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    parser.add_argument("--temperature", type=_number("--temperature", low=0.0, low_open=True), default=1.0,
+                        help="KD temperature (default 1)")
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="epochs over the training rows")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    length.add_argument("--epochs", type=_number("--epochs", low=0.0, low_open=True), default=None,
+                        help="epochs over the training rows")
+    parser.add_argument("--lr", type=_number("--lr", low=0.0, low_open=True), default=1e-4,
+                        help="peak learning rate (default 1e-4)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=20, help="warm-up steps (then linear decay to 0)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=_number("--weight-decay", low=0.0), default=0.0)
     parser.add_argument("--lora", type=int, default=None, metavar="RANK",
                         help="train LoRA adapters of this rank, merged through the mask at the end")
     parser.add_argument("--bf16", action="store_true",
@@ -451,13 +484,17 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_file_rows(path: Path, student_dir: str, seq_len: int) -> list[dict]:
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    numbered = _jsonl_rows(path, "--data")
+    lines = [row for _, row in numbered]
     if not lines:
         raise ValueError(f"--data {path} holds no rows")
     if all("input_ids" in row for row in lines):
         return lines
-    if not all("text" in row for row in lines):
-        raise ValueError(f"--data {path}: every row needs 'input_ids' or 'text'")
+    key = "text" if "text" in lines[0] else "input_ids"
+    for number, row in numbered:
+        if key not in row:
+            raise ValueError(f"--data {path}: line {number} has no {key!r} field (its keys: {sorted(row)}); "
+                             f"every row needs 'input_ids', or every row 'text'")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
@@ -628,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
+    except FloatingPointError as error:
+        from sparsekit.distill.guards import NonFiniteLossError
+
+        if not isinstance(error, NonFiniteLossError):
+            raise
+        parser.exit(EXIT_NONFINITE, f"sparsekit {args.command}: error: {error}\n")
     except ValueError as error:
         from sparsekit.prune.sparsegpt import HessianError
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsekit import _validate
-from sparsekit.blocks import prunable_linears
+from sparsekit.blocks import prunable_linears, weight_out_in
 
 __all__ = [
     "validate_sparsity",
@@ -65,16 +65,17 @@ def is_nm_mask(mask: torch.Tensor, nm: tuple[int, int]) -> bool:
 
 
 def sparsity_report(model: nn.Module, targets: Iterable[str] | None = None):
-    """A table of zeros per prunable ``nn.Linear`` of ``model``, with an ``overall`` row last.
+    """A table of zeros per prunable linear layer of ``model``, with an ``overall`` row last.
 
-    Columns: ``layer``, ``shape``, ``params``, ``zeros``, ``sparsity`` (zeros / params).
+    Columns: ``layer``, ``shape`` (``[out, in]``, also for transformers' ``Conv1D``, which stores the
+    transpose), ``params``, ``zeros``, ``sparsity`` (zeros / params).
     Returns a ``pandas.DataFrame``.
     """
     import pandas as pd
 
     rows = []
     for name, linear in prunable_linears(model, targets):
-        weight = linear.weight.detach()
+        weight = weight_out_in(linear).detach()
         zeros = int((weight == 0).sum())
         rows.append(
             {"layer": name, "shape": tuple(weight.shape), "params": weight.numel(), "zeros": zeros,
@@ -100,7 +101,8 @@ def freeze_masks(model: nn.Module, targets: Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
     """Fix the current zero pattern of every prunable Linear so that nothing can regrow it.
 
-    For each layer, ``mask = weight != 0`` is stored as the non-persistent buffer ``weight_mask``
+    For each layer (``nn.Linear`` or transformers' ``Conv1D``), ``mask = weight != 0``, in the layer's own
+    weight layout (``[in, out]`` for a Conv1D), is stored as the non-persistent buffer ``weight_mask``
     (so checkpoints keep the familiar keys; zeros are saved as zeros and the mask is recovered from
     them on load). Three guards keep ``W = W ⊙ M``:
 

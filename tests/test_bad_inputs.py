@@ -339,3 +339,120 @@ def test_bad_path_exits_with_a_usage_error_naming_the_argument_before_any_work(s
 
 def test_the_path_table_is_large_and_has_no_duplicates():
     assert len(PATH_CASES) >= 12 and len({case[0] for case in PATH_CASES}) == len(PATH_CASES)
+
+# ==========================================================================================================
+# issue 19 (numbers and inputs): NaN/inf in every numeric argument of fine-tuning, rows the losses cannot
+# use, token ids and lengths the model cannot read, a teacher that does not match, jsonl rows without text.
+# Same convention as CASES above: (name, bad call, error type, argument named in the message).
+# ==========================================================================================================
+
+from sparsekit.distill import SparseTrainer, kd_loss  # noqa: E402
+from sparsekit.distill.experiment import RecoveryConfig  # noqa: E402
+from sparsekit.distill.finetune import finetune, pad_collate  # noqa: E402
+from sparsekit.distill.trainer import loss_spikes  # noqa: E402
+
+ROWS = [{"input_ids": list(range(1, 9))} for _ in range(4)]
+
+
+def finetune_call(rows=ROWS, loss="CE", teacher=None, **options):
+    args = {"steps": 1, "batch_size": 2, **options}
+    return lambda: finetune(model(), teacher, rows, pad_collate, loss, **args)
+
+
+def trainer_call(tmp="/nonexistent/sparsekit-trainer", **arguments):
+    from transformers import TrainingArguments
+
+    options = arguments.pop("trainer", {})
+    return lambda: SparseTrainer(model(), TrainingArguments(output_dir=tmp, report_to=[], use_cpu=True,
+                                                            **arguments), loss="CE", **options)
+
+
+def recovery(**change):
+    base = dict(patterns=("80%",), steps=4, batch_size=8, lr=1e-3, warmup=1, train_sizes=(16,),
+                headline=("80%",), sweep_pattern="80%")
+    return lambda: RecoveryConfig(**{**base, **change})
+
+
+def other_vocabulary_teacher():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=60,
+                                        max_position_embeddings=32))
+
+
+LOGITS = torch.zeros(1, 2, 3)
+NAN, INF = float("nan"), float("inf")
+
+NUMBER_CASES = [
+    # --- fine-tuning arguments: every number finite
+    ("finetune lr inf", finetune_call(lr=INF), ValueError, "lr"),
+    ("finetune lr NaN", finetune_call(lr=NAN), ValueError, "lr"),
+    ("finetune temperature inf", finetune_call(temperature=INF), ValueError, "temperature"),
+    ("finetune weight_decay NaN", finetune_call(weight_decay=NAN), ValueError, "weight_decay"),
+    ("finetune max_grad_norm inf", finetune_call(max_grad_norm=INF), ValueError, "max_grad_norm"),
+    ("finetune epochs inf", finetune_call(steps=None, epochs=INF), ValueError, "epochs"),
+    ("finetune warmup NaN", finetune_call(warmup=NAN), TypeError, "warmup"),
+    ("SparseTrainer temperature inf", trainer_call(trainer={"temperature": INF}), ValueError, "temperature"),
+    ("SparseTrainer args learning_rate NaN", trainer_call(learning_rate=NAN), ValueError,
+     "args.learning_rate"),
+    ("SparseTrainer args weight_decay inf", trainer_call(weight_decay=INF), ValueError, "args.weight_decay"),
+    ("RecoveryConfig lr inf", recovery(lr=INF), ValueError, "lr"),
+    ("RecoveryConfig temperature NaN", recovery(temperature=NAN), ValueError, "temperature"),
+    ("RecoveryConfig steps 0", recovery(steps=0), ValueError, "steps"),
+    ("kd_loss temperature inf", lambda: kd_loss(LOGITS, LOGITS, torch.zeros(1, 2, dtype=torch.long), INF),
+     ValueError, "temperature"),
+    ("loss_spikes window 2.5", lambda: loss_spikes([1.0] * 8, window=2.5), TypeError, "window"),
+    # --- rows the losses cannot use, refused before training
+    ("finetune rows without targets",
+     finetune_call(rows=[{"input_ids": list(range(1, 9)), "labels": [-100] * 8}] * 4), ValueError, "rows[0]"),
+    ("finetune a row of padding only",
+     finetune_call(rows=[ROWS[0], {"input_ids": [0] * 8, "attention_mask": [0] * 8, "labels": [1] * 8}] * 2),
+     ValueError, "rows[1]"),
+    ("finetune token id >= vocab", finetune_call(rows=[{"input_ids": [1, 2, 50, 3]}] * 4), ValueError,
+     "rows[0]"),
+    ("finetune float input_ids", finetune_call(rows=[{"input_ids": [1.5, 2.0, 3.0]}] * 4), TypeError,
+     "rows[0]"),
+    ("finetune sequence longer than the positions", finetune_call(rows=[{"input_ids": [1] * 40}] * 4),
+     ValueError, "rows[0]"),
+    ("finetune teacher of another vocabulary, SquareHead only",
+     finetune_call(loss="SquareHead", teacher=other_vocabulary_teacher()), ValueError, "teacher"),
+    # --- calibration batches the model cannot read
+    ("prune_model token id >= vocab",
+     prune(calib_batches=batches(input_ids=torch.full((2, 8), 50, dtype=torch.long))), ValueError,
+     "calib_batches[0]"),
+    ("prune_model negative token id",
+     prune(calib_batches=batches(input_ids=torch.full((2, 8), -1, dtype=torch.long))), ValueError,
+     "calib_batches[0]"),
+    ("prune_model float input_ids", prune(calib_batches=batches(input_ids=torch.ones(2, 8))), TypeError,
+     "calib_batches[0]"),
+    ("prune_model sequence longer than the positions",
+     prune(calib_batches=batches(input_ids=torch.ones(2, 40, dtype=torch.long),
+                                 attention_mask=torch.ones(2, 40, dtype=torch.long))), ValueError,
+     "calib_batches[0]"),
+]
+
+
+@pytest.mark.parametrize("call, error, argument", [case[1:] for case in NUMBER_CASES],
+                         ids=[case[0] for case in NUMBER_CASES])
+def test_bad_number_or_input_raises_the_conventional_error_naming_it(call, error, argument):
+    test_bad_input_raises_the_conventional_error_naming_the_argument(call, error, argument)
+
+
+def test_the_number_table_is_large_and_has_no_duplicates():
+    names = [case[0] for case in CASES + NUMBER_CASES]
+    assert len(NUMBER_CASES) >= 18 and len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_a_jsonl_row_without_text_is_named_by_its_line(saved_model, tmp_path, capsys, command):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "word word word word"}\n{"txt": "word"}\n')
+    if command == "prune":
+        argv = ["prune", str(saved_model / "llama"), "--calib", str(data), "--seq-len", "2", "--n-calib", "1"]
+    else:
+        argv = ["finetune", str(saved_model / "llama"), "--data", str(data), "--loss", "CE", "--steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path / "out"), "--quiet"])
+    assert info.value.code == 2
+    assert re.search(r"line 2 has no 'text' field \(its keys: \['txt'\]\)", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -105,10 +105,12 @@ def test_kd_matches_a_direct_kl():
     assert kd_loss(teacher, teacher, labels, temperature).item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), True])
-def test_kd_rejects_bad_temperature(temperature):
+@pytest.mark.parametrize("temperature, error", [(0, ValueError), (-1.0, ValueError),
+                                                (float("nan"), ValueError), (float("inf"), ValueError),
+                                                (True, TypeError)])
+def test_kd_rejects_bad_temperature(temperature, error):
     logits = torch.zeros(1, 2, 3)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(error, match="temperature"):
         kd_loss(logits, logits, torch.zeros(1, 2, dtype=torch.long), temperature)
 
 

@@ -149,7 +149,10 @@ def test_int4_layout_low_nibble_first():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda W, H: quantize_rtn(W, bits=3), ValueError, "bits must be one of"),
-    (lambda W, H: quantize_rtn(W, bits=True), ValueError, "bits"),
+    (lambda W, H: quantize_rtn(W, bits=True), TypeError, "bits"),
+    (lambda W, H: quantize_rtn(W, bits=8.0), TypeError, "bits"),
+    (lambda W, H: gptq_quantize(W, H, 4, percdamp=float("inf")), ValueError, "percdamp"),
+    (lambda W, H: gptq_quantize(W, H, 4, blocksize=float("nan")), TypeError, "blocksize"),
     (lambda W, H: quantize_rtn(W, 8, group_size=24), ValueError, "group_size must divide in_features=64"),
     (lambda W, H: quantize_rtn(W, 8, group_size=0), ValueError, "group_size must be a positive int"),
     (lambda W, H: quantize_rtn(W, 8, symmetric="yes"), TypeError, "symmetric must be a bool"),

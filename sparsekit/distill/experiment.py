@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from sparsekit import _validate
 from sparsekit.distill.finetune import finetune
 from sparsekit.distill.trainer import LOSS_MIXES
 
@@ -96,12 +97,30 @@ class RecoveryConfig:
         for name in ("group_by_length", "bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_numbers()
         unknown = sorted(set(self.losses + self.sweep_losses) - set(LOSSES))
         if unknown:
             raise ValueError(f"losses {unknown} are not among {list(LOSSES)}")
         missing = sorted(set(self.headline) - set(self.patterns))
         if missing:
             raise ValueError(f"headline patterns {missing} must be among patterns {list(self.patterns)}")
+
+    def _check_numbers(self) -> None:
+        """Every number finite and in range (NaN and infinities are refused by name)."""
+        for name in ("steps", "batch_size", "n_calib", "calib_batch_size"):
+            _validate.integer(getattr(self, name), name, low=1)
+        _validate.integer(self.warmup, "warmup", low=0)
+        if self.eval_limit is not None:
+            _validate.integer(self.eval_limit, "eval_limit", low=1)
+        if self.train_size is not None:
+            _validate.integer(self.train_size, "train_size", low=0)
+        for i, size in enumerate(self.train_sizes):
+            _validate.integer(size, f"train_sizes[{i}]", low=0,
+                              allowed="an integer >= 0 (0: the whole split)")
+        for i, seed in enumerate(self.seeds):
+            _validate.integer(seed, f"seeds[{i}]")
+        _validate.real(self.lr, "lr", low=0.0, low_open=True)
+        _validate.real(self.temperature, "temperature", low=0.0, low_open=True)
 
     def fine_tuning_runs(self) -> int:
         """How many fine-tuning runs :meth:`RecoveryExperiment.run` makes (its cost, in runs)."""

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsekit import _validate
+from sparsekit.distill.guards import check_rows
+from sparsekit.distill.losses import shift_labels
 from sparsekit.distill.trainer import SparseTrainer, parse_loss_mix
 from sparsekit.masks import apply_masks, unfreeze_masks
 
@@ -33,12 +36,21 @@ class FinetuneResult:
     loss_weights: dict = field(default_factory=dict)
 
 
-def _positive(name: str, value, kind=int):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
-    return value
+def _check_numbers(steps, epochs, lr, batch_size, warmup, weight_decay, temperature, max_grad_norm, lora_rank,
+                   seed, log_steps) -> None:
+    """Every number of a run: finite (NaN and infinities are refused by name), in its range."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("lora_rank", lora_rank),
+                        ("log_steps", log_steps)):
+        if value is not None:
+            _validate.integer(value, name, low=1)
+    _validate.integer(warmup, "warmup", low=0)
+    _validate.integer(seed, "seed")
+    if epochs is not None:
+        _validate.real(epochs, "epochs", low=0.0, low_open=True)
+    _validate.real(lr, "lr", low=0.0, low_open=True)
+    _validate.real(temperature, "temperature", low=0.0, low_open=True)
+    _validate.real(weight_decay, "weight_decay", low=0.0, allowed="a finite number >= 0")
+    _validate.real(max_grad_norm, "max_grad_norm", low=0.0, allowed="a finite number >= 0 (0: no clipping)")
 
 
 def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], loss="CE+SquareHead", *,
@@ -50,8 +62,13 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     """Fine-tune ``student`` (pruned; its zeros are frozen as its mask) on ``rows`` with ``loss``.
 
     ``rows``: the training examples (any sequence); ``collate(list of rows) -> batch`` with ``labels``.
-    Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. ``lora_rank``: train masked LoRA
-    adapters of that rank (update ``(B A) ⊙ M``; :mod:`sparsekit.distill.lora`) instead of the weights,
+    Exactly one of ``steps`` (optimizer steps) and ``epochs`` is given. Every number must be finite
+    (``ValueError`` naming it). Every row is checked before training: a row without targets (labels all
+    -100), a row of padding only, or token ids the student cannot read raise ``ValueError`` naming the
+    row. A NaN/infinite loss or gradient norm stops training at that step with
+    :class:`~sparsekit.distill.guards.NonFiniteLossError` (nothing is returned; the student, trained in
+    place, holds the weights of the last finite step and should be discarded). ``lora_rank``: train masked
+    LoRA adapters of that rank (update ``(B A) ⊙ M``; :mod:`sparsekit.distill.lora`) instead of the weights,
     then merge them (the merged model is the trained one). The student is
     trained in place and returned in eval mode without the mask hooks (its zeros are in its weights);
     with LoRA, the returned model is the merged base model. ``lengths`` (one per row, e.g. tokens):
@@ -68,20 +85,20 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
 
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
-    _positive("steps", steps)
-    _positive("epochs", epochs, float)
-    _positive("lr", lr, float)
-    _positive("batch_size", batch_size)
+    _check_numbers(steps, epochs, lr, batch_size, warmup, weight_decay, temperature, max_grad_norm, lora_rank,
+                   seed, log_steps)
     if len(rows) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} training rows")
     if not isinstance(bf16, bool):
         raise ValueError(f"bf16 must be True or False, got {bf16!r}")
     weights = parse_loss_mix(loss)
+    encoder_decoder = bool(getattr(student.config, "is_encoder_decoder", False))
+    check_rows(rows, collate, student.config, weights, (lambda y: y) if encoder_decoder else shift_labels)
     model = student
     if lora_rank is not None:
         from sparsekit.distill.lora import add_lora
 
-        model = add_lora(student, r=_positive("lora_rank", lora_rank))
+        model = add_lora(student, r=lora_rank)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=output_dir or scratch, max_steps=steps or -1, num_train_epochs=epochs or 1.0,
@@ -119,11 +136,19 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
                           steps=trainer.state.global_step, loss_weights=weights)
 
 
+def _token_ids(values, name: str) -> torch.Tensor:
+    ids = torch.as_tensor(values)
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise TypeError(f"{name} must be integer token ids; got dtype {ids.dtype}")
+    return ids.long()
+
+
 def pad_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad token rows (``input_ids``, optional ``attention_mask`` and ``labels``) into a batch.
 
     Missing ``attention_mask``: 1 on every token; missing ``labels``: the ``input_ids`` (a causal LM
     learns every token). Padding: ``pad_id`` in ``input_ids``, 0 in the mask, ``-100`` in ``labels``.
+    Token ids and labels must be integers (``TypeError`` naming the row: a float is never rounded silently).
     """
     width = max(len(row["input_ids"]) for row in rows)
     batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
@@ -131,11 +156,11 @@ def pad_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     label_width = max(len(row.get("labels", row["input_ids"])) for row in rows)
     batch["labels"] = torch.full((len(rows), label_width), -100, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        ids = _token_ids(row["input_ids"], f"input_ids of batch row {i}")
         batch["input_ids"][i, :len(ids)] = ids
         mask = torch.as_tensor(row.get("attention_mask", [1] * len(ids)), dtype=torch.long)
         batch["attention_mask"][i, :len(mask)] = mask
-        labels = torch.as_tensor(row.get("labels", row["input_ids"]), dtype=torch.long)
+        labels = _token_ids(row.get("labels", row["input_ids"]), f"labels of batch row {i}")
         if "labels" not in row:
             labels = labels.masked_fill(mask[:len(labels)] == 0, -100)
         batch["labels"][i, :len(labels)] = labels

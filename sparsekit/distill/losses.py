@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sparsekit import _validate
+
 __all__ = ["ce_loss", "kd_loss", "squarehead_loss", "shift_labels", "block_outputs", "SQUAREHEAD_EPS",
            "IGNORE_INDEX"]
 
@@ -62,8 +64,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
     ``student_logits``, ``teacher_logits`` ``[B, T, V]``; ``labels`` ``[B, T]``. Returns a scalar.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    temperature = _validate.real(temperature, "temperature", low=0.0, low_open=True)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")

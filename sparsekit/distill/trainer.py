@@ -15,7 +15,13 @@ wrapped with LoRA (peft) keeps its base weights frozen instead; merge it with
 
 Each loss component is logged separately (``ce``, ``kd``, ``squarehead``), and :attr:`SparseTrainer.record`
 keeps every optimizer step's loss, components and (at logging steps) gradient norm; :func:`loss_spikes`
-finds the steps whose loss exceeds ``k`` times the running median.
+finds the steps whose loss exceeds ``k`` times the running median (a non-finite loss is always a spike).
+
+Training stops at the first non-finite loss (total or any component) or gradient norm with
+:class:`~sparsekit.distill.guards.NonFiniteLossError` (before the optimizer applies that step), and a
+batch the losses cannot use (a row without targets, a row of padding only, token ids outside the
+vocabulary) or a teacher that does not match the student is refused with a ``ValueError``
+(:mod:`sparsekit.distill.guards`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ import numpy as np
 import torch
 import transformers
 
+from sparsekit import _validate
+from sparsekit.distill.guards import check_batch, check_teacher, raise_if_nonfinite
 from sparsekit.distill.losses import block_outputs, ce_loss, kd_loss, shift_labels, squarehead_loss
 from sparsekit.masks import apply_masks, freeze_masks
+from sparsekit.model_inputs import check_token_batch
 
 __all__ = ["SparseTrainer", "LOSS_MIXES", "parse_loss_mix", "loss_spikes", "stability_summary"]
 
@@ -63,32 +72,58 @@ def parse_loss_mix(mix: str | Mapping[str, float]) -> dict[str, float]:
     if unknown:
         raise ValueError(f"loss mix has unknown components {unknown}; allowed: {list(COMPONENTS)} or one "
                          f"of the names {list(LOSS_MIXES)}")
-    weights = {name: float(w) for name, w in mix.items()}
-    if any(not math.isfinite(w) or w < 0 for w in weights.values()) or not any(weights.values()):
-        raise ValueError(f"loss mix weights must be finite, >= 0 and not all 0; got {weights}")
+    weights = {name: _validate.real(w, f"loss mix weight {name!r}", low=0.0, allowed="a finite number >= 0")
+               for name, w in mix.items()}
+    if not any(weights.values()):
+        raise ValueError(f"loss mix weights must not all be 0; got {weights}")
     return {name: w for name, w in weights.items() if w > 0}
 
 
 def loss_spikes(losses: Sequence[float], k: float = 1.5, window: int = 20, min_history: int = 5) -> list[int]:
-    """Indices ``t`` whose loss exceeds ``k`` times the median of the ``window`` losses before it.
+    """Indices ``t`` whose loss is NaN/infinite, or exceeds ``k`` times the median of the finite losses
+    among the ``window`` before it.
 
-    The first ``min_history`` steps are never counted (no median yet).
+    A non-finite loss is always a spike (a failed step, never "no spike"); otherwise the first
+    ``min_history`` steps are never counted (no median yet).
     """
-    if not k > 0 or window < 1 or min_history < 1:
-        raise ValueError(f"need k > 0, window >= 1, min_history >= 1; got k={k}, window={window}, "
-                         f"min_history={min_history}")
+    k = _validate.real(k, "k", low=0.0, low_open=True)
+    window = _validate.integer(window, "window", low=1)
+    min_history = _validate.integer(min_history, "min_history", low=1)
     values = np.asarray(losses, dtype=float)
-    return [t for t in range(min_history, len(values))
-            if values[t] > k * np.median(values[max(0, t - window):t])]
+    finite = np.isfinite(values)
+    spikes = []
+    for t in range(len(values)):
+        history = values[max(0, t - window):t][finite[max(0, t - window):t]]
+        if not finite[t] or (t >= min_history and history.size and values[t] > k * np.median(history)):
+            spikes.append(t)
+    return spikes
 
 
 def stability_summary(record: Sequence[Mapping], k: float = 1.5, window: int = 20) -> dict:
-    """Spike count and steps (see :func:`loss_spikes`), and the largest logged gradient norm."""
+    """Spike count and steps (see :func:`loss_spikes`: a non-finite loss counts), the largest finite logged
+    gradient norm, and the steps whose loss or gradient norm is NaN/infinite (``nonfinite_steps``;
+    ``finite`` is False when there is any)."""
     losses = [entry["loss"] for entry in record]
     spikes = loss_spikes(losses, k, window)
     norms = [entry["grad_norm"] for entry in record if entry.get("grad_norm") is not None]
+    nonfinite = [entry["step"] for entry in record
+                 if not all(math.isfinite(entry[key]) for key in ("loss", "grad_norm")
+                            if entry.get(key) is not None)]
+    finite_norms = [norm for norm in norms if math.isfinite(norm)]
     return {"spikes": len(spikes), "spike_steps": [record[t]["step"] for t in spikes],
-            "max_grad_norm": max(norms) if norms else None, "k": k, "window": window}
+            "max_grad_norm": max(finite_norms) if finite_norms else None, "nonfinite_steps": nonfinite,
+            "finite": not nonfinite, "k": k, "window": window}
+
+
+def _check_training_numbers(args) -> None:
+    """The numbers of ``TrainingArguments`` that the optimizer and schedule use are finite."""
+    if args is None:
+        return
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "num_train_epochs", "warmup_steps"):
+        value = getattr(args, name, None)
+        if value is not None:
+            _validate.real(value, f"args.{name}", low=0.0, allowed="a finite number >= 0")
 
 
 class _StepRecorder(transformers.TrainerCallback):
@@ -124,12 +159,13 @@ class SparseTrainer(transformers.Trainer):
         if self.lengths is not None and (dataset is None or len(self.lengths) != len(dataset)):
             raise ValueError(f"lengths must give one length per training row ({len(dataset or [])}), "
                              f"got {len(self.lengths)}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = _validate.real(temperature, "temperature", low=0.0, low_open=True)
         needs_teacher = {"kd", "squarehead"} & set(self.loss_weights)
         if needs_teacher and teacher is None:
             raise ValueError(f"loss {loss!r} uses {sorted(needs_teacher)}: pass a teacher")
+        if needs_teacher:
+            check_teacher(model, teacher, self.loss_weights)
+        _check_training_numbers(args)
         self.is_peft = hasattr(model, "peft_config")
         self.masks = freeze_masks(model) if freeze and not self.is_peft else {}
         super().__init__(model=model, args=args, **kwargs)
@@ -178,12 +214,18 @@ class SparseTrainer(transformers.Trainer):
         generator = torch.Generator().manual_seed(seed)
         return LengthGroupedSampler(batch, lengths=self.lengths, generator=generator)
 
+    def _step_name(self) -> str:
+        return f"batch of optimizer step {self.state.global_step + 1}"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "labels" not in inputs:
             raise ValueError(f"SparseTrainer batches need 'labels' (-100 = no target); got {sorted(inputs)}")
+        labels = self._aligned_labels(inputs["labels"])
+        config = self.accelerator.unwrap_model(model).config
+        check_token_batch(config, dict(inputs), self._step_name())
+        check_batch(inputs, labels, self.loss_weights, self._is_encoder_decoder(), self._step_name())
         wants_hidden = "squarehead" in self.loss_weights
         outputs = model(**inputs, output_hidden_states=wants_hidden)
-        labels = self._aligned_labels(inputs["labels"])
         parts: dict[str, torch.Tensor] = {}
         if "ce" in self.loss_weights:
             parts["ce"] = ce_loss(outputs.logits, labels)
@@ -200,8 +242,27 @@ class SparseTrainer(transformers.Trainer):
                                                       self._token_masks(inputs, stacks))
         loss = sum(self.loss_weights[name] * value for name, value in parts.items())
         if model.training:
+            values = {name: float(value.detach()) for name, value in {"loss": loss, **parts}.items()}
+            self._stop_if_nonfinite("loss", values)
             self._accumulate(loss, parts)
         return (loss, outputs) if return_outputs else loss
+
+    # ---- the non-finite stop ------------------------------------------------------------------------
+    def _stop_if_nonfinite(self, what: str, values: dict[str, float]) -> None:
+        raise_if_nonfinite(self.state.global_step + 1, what, values, lr=self.args.learning_rate,
+                           temperature=self.temperature, student=self.model, history=self.record)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer's gradient norm of this step (before clipping), checked before the optimizer runs.
+
+        Under fp16 loss scaling an infinite norm is the scaler's signal to skip the step and lower the
+        scale, so it is left to the scaler there.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and getattr(self.accelerator, "scaler", None) is None:
+            values = {name: value for name, value in self._step_sums.items()}
+            self._stop_if_nonfinite("gradient norm", {**values, "grad_norm": float(grad_norm)})
+        return grad_norm
 
     # ---- records and logs ---------------------------------------------------------------------------
     def _accumulate(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit.blocks import prunable_linears
+from sparsekit import _validate
+from sparsekit.blocks import is_linear, layer_types, prunable_linears, weight_out_in
 from sparsekit.formats import FORMATS, BitmaskWeight, CSRWeight, NMWeight, SparseWeight
 from sparsekit.kernels import dispatch, ops, reference  # noqa: F401 (ops registers torch.ops.sparsekit)
 
@@ -170,12 +171,17 @@ class SparseLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, format: str = "auto", dtype: torch.dtype | None = None,
+    def from_linear(cls, linear: nn.Module, format: str = "auto", dtype: torch.dtype | None = None,
                     nm=None) -> SparseLinear:
-        """Compress ``linear.weight`` (its zeros are the mask); ``dtype`` casts the values (default: kept)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        W = linear.weight.detach()
+        """Compress ``linear.weight`` (its zeros are the mask); ``dtype`` casts the values (default: kept).
+
+        ``linear``: an ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2; ``y = x W + b`` with ``W``
+        stored ``[in, out]``), compressed as its ``[out, in]`` transpose so that the output is the same.
+        """
+        if not is_linear(linear):
+            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
+        W = weight_out_in(linear).detach().contiguous()
         mask = W != 0
         if format == "auto":
             format, nm = choose_format(mask)
@@ -273,7 +279,13 @@ def choose_format(mask: torch.Tensor) -> tuple[str, tuple[int, int] | None]:
 
 def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float = 0.3,
                      targets: Iterable[str] | None = None, dtype: torch.dtype | None = None, nm=None):
-    """Replace, in place, every prunable ``nn.Linear`` at least ``min_sparsity`` sparse by a SparseLinear.
+    """Replace, in place, every prunable linear layer at least ``min_sparsity`` sparse by a SparseLinear.
+
+    Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 family): a Conv1D becomes a
+    SparseLinear of its transposed ``[out, in]`` weight, with the same output. A model without linear
+    layers in transformer blocks raises ``ValueError`` (naming its class and layer types); when layers are
+    found but none is sparse enough to replace, a ``UserWarning`` names the model, the layers and their
+    largest sparsity (a dense model is valid input, but "0 layers replaced" is never silent).
 
     ``format``: ``"auto"`` (:func:`choose_format` per layer), ``"bitmask"``, ``"nm"`` (``nm=(n, m)``,
     default: detected) or ``"csr"``; ``dtype`` casts the stored values (e.g. ``torch.bfloat16``).
@@ -287,16 +299,12 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
 
     if format not in ("auto", "bitmask", "nm", "csr"):
         raise ValueError(f"format must be 'auto', 'bitmask', 'nm' or 'csr', got {format!r}")
-    if (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
-            or not 0 <= min_sparsity <= 1):
-        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    min_sparsity = _validate.real(min_sparsity, "min_sparsity", low=0.0, high=1.0)
     if isinstance(targets, str):
         targets = [targets]  # one layer name, not its letters
     rows, swaps = [], []
     for name, linear in prunable_linears(model, targets):
-        if not isinstance(linear, nn.Linear):
-            continue  # transformers' Conv1D (GPT-2) stores W transposed; not swapped (yet)
-        W = linear.weight.detach()
+        W = weight_out_in(linear).detach()
         sparsity = float((W == 0).sum()) / W.numel() if W.numel() else 0.0
         row = {"layer": name, "sparsity": sparsity, "format": "dense",
                "nbytes": W.numel() * W.element_size(), "dense_nbytes": W.numel() * W.element_size(),
@@ -310,6 +318,8 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
             swaps.append((name, sparse))
             row.update(format=label, nbytes=sparse.weight_sparse.nbytes, replaced=True)
         rows.append(row)
+    if not swaps:
+        _warn_nothing_replaced(model, rows, min_sparsity)
     modules = dict(model.named_modules())
     for name, sparse in swaps:
         parent_name, _, child = name.rpartition(".")
@@ -317,8 +327,18 @@ def sparsify_linears(model: nn.Module, format: str = "auto", min_sparsity: float
     return pd.DataFrame(rows, columns=["layer", "sparsity", "format", "nbytes", "dense_nbytes", "replaced"])
 
 
-def _compress(linear: nn.Linear, format: str, nm, dtype) -> tuple[SparseLinear, str]:
-    W = linear.weight.detach()
+def _warn_nothing_replaced(model: nn.Module, rows: list[dict], min_sparsity: float) -> None:
+    import warnings
+
+    densest = max((row["sparsity"] for row in rows), default=0.0)
+    warnings.warn(f"sparsify_linears replaced no layer of {type(model).__name__}: none of its {len(rows)} "
+                  f"linear layers is at least min_sparsity={min_sparsity:g} sparse (the sparsest is "
+                  f"{densest:.3f}; layer types: {layer_types(model)}); prune the model first, or lower "
+                  "min_sparsity", UserWarning, stacklevel=3)
+
+
+def _compress(linear: nn.Module, format: str, nm, dtype) -> tuple[SparseLinear, str]:
+    W = weight_out_in(linear).detach()
     layer_format, layer_nm = choose_format(W != 0) if format == "auto" else (format, nm)
     if layer_format == "nm" and layer_nm is None:
         layer_format, layer_nm = choose_format(W != 0)

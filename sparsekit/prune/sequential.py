@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from sparsekit import _validate
 from sparsekit.blocks import in_features_of, prunable_linears, transformer_blocks, weight_out_in
+from sparsekit.model_inputs import check_token_batch
 from sparsekit.prune.capture import BlockCall, capture_stack_calls, hidden_of, model_device, no_cache
 from sparsekit.prune.solvers import SOLVERS, Solver
 from sparsekit.prune.statistics import HessianStats, real_tokens, token_masks
@@ -209,6 +210,11 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict] | None, method: 
                 device=None, progress: bool = True, **options):
     """Prune the targeted Linear layers of ``model`` in place, block by block; return a report.
 
+    Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 family, weight stored ``[in, out]``):
+    a Conv1D is pruned as its ``[out, in]`` transpose ``Wᵀ`` (rows are outputs, as for ``nn.Linear``) and
+    its zeros land in its own ``[in, out]`` weight; the report's ``shape`` is ``[out, in]`` for both.
+    A model without blocks of linear layers raises ``ValueError`` naming its class and layer types.
+
     * ``calib_batches``: a list of dicts of model inputs, e.g. ``{"input_ids", "attention_mask"}`` for a
       causal LM, ``{"input_ids", "attention_mask", "labels"}`` (or ``"decoder_input_ids"``) for T5,
       ``{"input_features", "decoder_input_ids"}`` for Whisper. ``attention_mask`` (and
@@ -246,6 +252,9 @@ def prune_model(model: nn.Module, calib_batches: Sequence[dict] | None, method: 
     nm = _validate.nm_pair(nm, "nm") if nm is not None else None
     targets = _validate.names(targets, "targets")
     batches = _check_batches(calib_batches, solver, method)
+    for i, batch in enumerate(batches or []):
+        if hasattr(model, "config"):
+            check_token_batch(model.config, batch, f"calib_batches[{i}]")
     stacks = _group_stacks(model)
     chosen = _chosen_linears(model, targets, stacks, nm)
     options = _check_options(solver, method, quant, options, nm)

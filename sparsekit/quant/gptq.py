@@ -22,10 +22,9 @@ when ``H`` is not positive definite, then :class:`~sparsekit.prune.HessianError`
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from sparsekit import _validate
 from sparsekit.prune.sparsegpt import HessianError, inverse_hessian_factor
 from sparsekit.quant.grid import QuantizedWeight, check_bits, check_group_size
 from sparsekit.quant.quantizer import GroupQuantizer
@@ -43,10 +42,9 @@ def _check_options(W, H, blocksize, percdamp, act_order, name) -> None:
         raise HessianError(f"H of layer {name!r} has NaN/Inf entries; refusing to quantize it")
     if bool((torch.diagonal(H) < 0).any()):
         raise HessianError(f"H of layer {name!r} has negative diagonal entries; H = 2/n Σ x xᵀ cannot")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < math.inf:
-        raise ValueError(f"percdamp must be a finite float >= 0, got {percdamp!r}")
+    _validate.integer(blocksize, "blocksize", low=1)
+    _validate.real(percdamp, "percdamp", low=0.0, allowed="a finite number >= 0 (dampening, a fraction of "
+                   "the mean diagonal of H)")
     if not isinstance(act_order, bool):
         raise TypeError(f"act_order must be a bool, got {type(act_order).__name__}")
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsekit import _validate
+
 __all__ = ["BITS", "QuantizedWeight", "check_bits", "check_group_size", "code_range", "fit_scales",
            "quantize_codes", "dequantize_codes", "expand_groups"]
 
@@ -29,17 +31,16 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    return bits
+    allowed = f"one of {BITS}"
+    return _validate.choice(_validate.integer(bits, "bits", allowed=allowed), "bits", BITS)
 
 
 def check_group_size(group_size, cols: int) -> int:
     """``group_size`` as a positive int dividing ``cols``; ``None`` means per-channel (``cols``)."""
     if group_size is None:
         return max(cols, 1)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int or None (per-channel), got {group_size!r}")
+    group_size = _validate.integer(group_size, "group_size", low=1,
+                                   allowed="a positive integer or None (per-channel)")
     if cols % group_size:
         raise ValueError(f"group_size must divide in_features={cols}, got group_size={group_size}")
     return group_size
