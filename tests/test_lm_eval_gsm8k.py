@@ -95,6 +95,8 @@ def test_zero_shot_prompt_holds_only_its_own_question_and_limit_is_respected():
         assert context == f"Question: {own}\nAnswer:"  # the stock task's prompt, 0-shot: nothing before it
         assert not [r for r in rows + others if r["question"] != own and r["question"] in context]
         assert generation_kwargs["do_sample"] is False and "Question:" in generation_kwargs["until"]
+    one = lm_eval_gsm8k.score(AnswerLM(lambda a: " " + a), rows, limit=1)
+    assert one["n"] == 1 and one["accuracy"] == 1.0 and one["strict_match_stderr"] is None
 
 
 def _tokenizer():
@@ -124,8 +126,8 @@ def test_tiny_mpt_runs_through_hflm_in_bfloat16_and_comes_back_unchanged():
     model = _tiny_mpt(len(tok), tok.eos_token_id).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = _rows("test")
-    result = lm_eval_gsm8k.evaluate_gsm8k(model, tok, rows, batch_size=6, dtype=torch.bfloat16, max_length=512,
-                                          log_samples=True)
+    result = lm_eval_gsm8k.evaluate_gsm8k(model, tok, rows, batch_size=6, dtype=torch.bfloat16,
+                                          max_length=512, log_samples=True)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == len(rows) and result["num_fewshot"] == 0
     assert result["dtype"] == "bfloat16" and result["lm_eval"] == "0.4.13"
     assert all(isinstance(s["resps"][0][0], str) and s["resps"][0][0] for s in result["samples"])

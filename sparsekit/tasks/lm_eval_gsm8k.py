@@ -104,9 +104,10 @@ def score(lm, rows: Sequence[dict], *, limit: int | None = None, log_samples: bo
 
     ``rows``: GSM8K problems (``question``, ``answer`` ending in ``#### N``); ``limit``: score only the
     first ``limit`` of them (lm-eval's own ``limit``). Returns ``{"accuracy"`` (strict-match, the paper's),
-    ``"strict_match"``, ``"flexible_extract"``, their ``*_stderr``, ``"n"`` (problems scored),
-    ``"num_fewshot"``, ``"filter"``, ``"lm_eval"`` (version), ``"task_version"}``, plus lm-eval's logged
-    ``"samples"`` (prompt, generation, extracted answer: one per problem and filter) when ``log_samples``.
+    ``"strict_match"``, ``"flexible_extract"``, their ``*_stderr`` (``None`` for one problem), ``"n"``
+    (problems scored), ``"num_fewshot"``, ``"filter"``, ``"lm_eval"`` (version), ``"task_version"}``, plus
+    lm-eval's logged ``"samples"`` (prompt, generation, extracted answer: one per problem and filter)
+    when ``log_samples``.
     """
     import lm_eval
     from lm_eval.api.model import LM
@@ -135,7 +136,9 @@ def _summary(out: dict, log_samples: bool) -> dict:
 
     metrics, config = out["results"][TASK], out["configs"][TASK]
     result = {name: float(metrics[f"{METRIC},{f}"]) for name, f in FILTERS.items()}
-    result |= {f"{name}_stderr": float(metrics[f"{METRIC}_stderr,{f}"]) for name, f in FILTERS.items()}
+    for name, f in FILTERS.items():  # lm-eval writes "N/A" for the stderr of a single problem
+        stderr = metrics[f"{METRIC}_stderr,{f}"]
+        result[f"{name}_stderr"] = float(stderr) if isinstance(stderr, int | float) else None
     summary = {
         "accuracy": result["strict_match"],
         **result,
