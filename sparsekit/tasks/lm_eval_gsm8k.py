@@ -18,14 +18,15 @@ carved out of GSM8K's train split). Its training and few-shot splits are unset: 
 Metrics. lm-eval reports ``exact_match`` under two filters:
 
 - ``strict-match``: the first ``#### (\\-?[0-9\\.\\,]+)`` of the generation, compared with the reference
-  after both drop commas, ``$``, everything up to ``#### `` and a final ``.``: the paper's protocol (the
-  regex of the harness the authors ran, commas stripped). This is ``accuracy`` below.
+  after both drop commas, ``$``, everything up to ``#### `` and a final ``.``. This is ``accuracy`` below:
+  the extraction recorded for the harness the authors ran (lm-eval commit 2c18e367, named in their
+  README) is that regex with commas stripped.
 - ``flexible-extract``: the last number-like span of the generation; reported beside it, not the paper's.
 
 Known difference: lm-eval 0.4.13's stock task stops at ``Question:``, ``</s>``, ``<|im_end|>`` and the
-tokenizer's EOS, but no longer at ``:``, which issue 18 gives as a stop string of the commit the authors
-pinned (2c18e367). A generation that writes a ``:`` before its ``#### N`` may therefore be scored here
-where the older harness cut it short.
+tokenizer's EOS, not at ``:``, which is recorded as a stop string of that commit too. A generation that
+writes a ``:`` before its ``#### N`` may therefore be scored here where the older harness cut it short.
+(What is recorded of commit 2c18e367 was not checked against its source here.)
 
 Precision. ``dtype`` evaluates the model with its parameters cast (e.g. to bfloat16, as the authors
 loaded theirs); the original tensors are put back afterwards, unchanged (:func:`parameters_cast`).
