@@ -76,8 +76,11 @@ def test_perfect_answers_score_one_through_lm_eval(split):
 
 def test_strict_match_reads_the_number_after_hashes():
     rows = _rows("test")
+    torch.manual_seed(5)
+    generator = torch.get_rng_state()
     no_commas = lm_eval_gsm8k.score(AnswerLM(lambda a: " " + a.replace(",", "")), rows)
     assert no_commas["strict_match"] == 1.0  # "#### 2125" matches the reference "#### 2,125"
+    assert torch.equal(torch.get_rng_state(), generator)  # lm-eval did not reseed torch (to its 1234)
     wrong = lm_eval_gsm8k.score(AnswerLM(lambda a: " " + a.rsplit("####", 1)[0] + "#### 41,999"), rows)
     assert wrong["strict_match"] == 0.0
     no_hashes = lm_eval_gsm8k.score(AnswerLM(lambda a: " The answer is " + _final(a) + "."), rows)

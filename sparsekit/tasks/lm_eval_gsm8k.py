@@ -126,8 +126,10 @@ def score(lm, rows: Sequence[dict], *, limit: int | None = None, log_samples: bo
                                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         atomic_write_text(folder / "tasks" / f"{TASK}.yaml", local_task_yaml(test_file, folder / "cache"))
         manager = TaskManager(include_path=str(folder / "tasks"), include_defaults=False)
+        # greedy and 0-shot use no random numbers: lm-eval is kept from reseeding the caller's generators
         out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], num_fewshot=0, limit=limit,
-                                      task_manager=manager, log_samples=log_samples)
+                                      task_manager=manager, log_samples=log_samples, random_seed=None,
+                                      numpy_random_seed=None, torch_random_seed=None)
     return _summary(out, log_samples)
 
 
