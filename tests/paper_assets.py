@@ -188,7 +188,7 @@ def build_math(root: Path) -> dict:
             d_model=16,
             n_heads=2,
             n_layers=2,
-            max_seq_len=96,
+            max_seq_len=512,  # room for a prompt beside lm-eval's 256 new tokens
             vocab_size=len(tokenizer),
             eos_token_id=tokenizer.eos_token_id,
         )

@@ -142,7 +142,10 @@ def test_final_number_is_strict():
     assert final_number("3 + 4 = 7\n#### 7") == 7
     assert final_number("#### -5") == -5
     assert final_number("#### 12\nmore text") == 12
-    for text in ("#### 12.5", "#### 1,0", "#### 1,234", "#### -5 apples", "#### x", "no answer", "12"):
+    assert final_number("2000+125=<<2000+125=2125>>2,125\n#### 2,125") == 2125  # GSM8K's thousands
+    assert final_number("#### 109,200,000") == 109_200_000 and final_number("#### -1,080") == -1080
+    for text in ("#### 12.5", "#### 1,0", "#### 12,34", "#### 1234,567", "#### 1,234,56", "#### -5 apples",
+                 "#### x", "no answer", "12"):
         assert final_number(text) is None, text
     assert final_number("#### 12.5\n#### 12") is None  # the first #### decides
 

@@ -19,6 +19,13 @@ Tokenizer: byte-level BPE with every digit its own token, trained here. Training
 (prompt positions labelled -100). Metric: exact-match accuracy of the final ``#### N`` (an integer
 ending its line) of a greedy answer, decoded up to the longest reference answer of the split plus a
 margin. Baselines: the most common training answer, and the lookup above.
+
+Paper scale (``scale="paper"``: GSM8K and the authors' MPT-7B teacher, :attr:`MathTask.real`):
+
+- evaluation is lm-evaluation-harness's own ``gsm8k`` task, 0-shot, greedy, the parameters in bfloat16
+  (:mod:`sparsekit.tasks.lm_eval_gsm8k`); ``accuracy`` is its strict-match exact match;
+- fine-tuning (and calibration) batches are in the authors' training format (:func:`authors_example`):
+  the raw question followed directly by the raw answer, loss on the answer only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections import Counter
 
 import torch
 
+from sparsekit import _validate
 from sparsekit.tasks.base import RealPath, Task, TrainConfig, check_scale, to_device
 from sparsekit.tasks.decoding import greedy_decode
 from sparsekit.tasks.mpt_checkpoint import load_mpt, mpt_config
@@ -36,6 +44,7 @@ from sparsekit.tasks.mpt_checkpoint import load_mpt, mpt_config
 __all__ = [
     "MathTask",
     "final_number",
+    "authors_example",
     "accuracy",
     "prompt",
     "identity",
@@ -70,8 +79,12 @@ SELECTION = (
 )
 DRILL_OPERATIONS = 4  # operations per drill row
 GENERATION_MARGIN = 16  # tokens allowed beyond the longest reference answer of a split
-MAX_NEW_TOKENS = {"paper": 512}
-_FINAL = re.compile(r"####[ \t]*(-?\d+)(?=\n|\Z)")
+# paper scale: new tokens of MathTask.examples/solve (lm-eval's HFLM generates at most 256, as the paper)
+MAX_NEW_TOKENS = {"paper": 256}
+PAPER_MAX_SEQ_LEN = 512  # the authors' max_seq_len (IST-DASLab/SparseFinetuning, yamls/finetune/mpt)
+PAPER_EVAL_DTYPE = torch.bfloat16  # the authors' lm-eval run: dtype=bfloat16
+EVAL_BATCH_SIZE = {"smoke": 50, "book": 50, "paper": 1}  # paper: the authors' lm-eval --batch_size 1
+_FINAL = re.compile(r"####[ \t]*(-?(?:\d{1,3}(?:,\d{3})+|\d+))(?=\n|\Z)")
 _SUBTRACTION = re.compile(r"((\d+)(?: [a-z]+)? ?- ?(\d+)(?: [a-z]+)? ?= ?)(\d+)")
 _SCRATCH = re.compile(r"\([\d+=, -]*\) ")
 _OPERATION = re.compile(r"(?<!\d)(\d+)(?: [a-z]+)? ?([+-]) ?(\d+)(?: ?\+ ?(\d+))?")
@@ -84,14 +97,55 @@ def prompt(question: str) -> str:
 def final_number(text: str) -> int | None:
     """The integer after the first ``####`` if only it follows on that line (``None`` otherwise).
 
-    Strict: ``#### 12`` and ``#### -3`` read as 12 and -3; ``#### 12.5``, ``#### 1,0`` and ``#### 7 apples``
-    read as ``None``.
+    Strict: ``#### 12`` and ``#### -3`` read as 12 and -3, and thousands separated by commas as GSM8K
+    writes them (79 train and 14 test answers, e.g. ``#### 2,125``) as the number (2125); ``#### 12.5``,
+    ``#### 1,0``, ``#### 12,34`` and ``#### 7 apples`` read as ``None``.
     """
     head = text.find("####")
     if head < 0:
         return None
     match = _FINAL.match(text, head)
-    return int(match.group(1)) if match else None
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def authors_example(tokenizer, question: str, answer: str,
+                    max_seq_len: int = PAPER_MAX_SEQ_LEN) -> tuple[list[int], list[int]]:
+    """``(context, target)`` token ids of one training example in the authors' format.
+
+    As the teacher was trained (IST-DASLab/SparseFinetuning: ``llmfoundry/data/finetuning/tasks.py``
+    registers ``gsm8k`` as ``prompt = question``, ``response = answer``; its decoder-only collator
+    concatenates them): the raw question, tokenized as is, then the raw answer (chain of thought with
+    GSM8K's ``<<...>>`` calculator annotations and the final ``#### N``), tokenized separately, ending in
+    EOS; no template, no separator. The loss is on ``target`` only. If both exceed ``max_seq_len`` tokens,
+    the target keeps its last tokens and ends in EOS, as the authors' collator does; a question that
+    alone fills ``max_seq_len`` is refused (their collator skips it).
+    """
+    eos = tokenizer.eos_token_id
+    context = tokenizer(question)["input_ids"]
+    target = tokenizer(answer)["input_ids"]
+    if not target or target[-1] != eos:
+        target = target + [eos]
+    if len(context) >= max_seq_len:
+        raise ValueError(f"the question has {len(context)} tokens, max_seq_len={max_seq_len} leaves no room "
+                         f"for its answer: {question[:80]!r}")
+    if len(context) + len(target) > max_seq_len:
+        target = target[len(context) + len(target) - max_seq_len :]
+        target[-1] = eos
+    return context, target
+
+
+def _padded(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``context + target`` rows; ``labels`` = the target ids, -100 elsewhere."""
+    width = max(len(c) + len(t) for c, t in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.zeros_like(input_ids)
+    for i, (context, target) in enumerate(pairs):
+        n = len(context) + len(target)
+        input_ids[i, :n] = torch.tensor(context + target)
+        labels[i, len(context) : n] = torch.tensor(target)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def accuracy(predicted: list[int | None], answers: list[int]) -> float:
@@ -373,20 +427,18 @@ class MathTask(Task):
         return len(row["question"]) + len(row["cot"])
 
     def collate(self, rows: list[dict], scale: str = "book") -> dict[str, torch.Tensor]:
-        """Right-padded ``prompt + " " + cot + <eos>``; ``labels`` = ids on the answer only, else -100."""
+        """Right-padded ``prompt + " " + cot + <eos>``; ``labels`` = ids on the answer only, else -100.
+
+        At ``scale="paper"`` the authors' format instead (:func:`authors_example`): question, then answer.
+        """
         tok = self.tokenizer(scale)
-        prompts = [tok(prompt(r["question"]))["input_ids"] for r in rows]
-        answers = [tok(" " + r["cot"])["input_ids"] + [tok.eos_token_id] for r in rows]
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full_like(input_ids, -100)
-        mask = torch.zeros_like(input_ids)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            n = len(p) + len(a)
-            input_ids[i, :n] = torch.tensor(p + a)
-            labels[i, len(p) : n] = torch.tensor(a)
-            mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if check_scale(scale) == "paper":
+            return _padded([authors_example(tok, r["question"], r["cot"]) for r in rows], tok.pad_token_id)
+        pairs = [
+            (tok(prompt(r["question"]))["input_ids"], tok(" " + r["cot"])["input_ids"] + [tok.eos_token_id])
+            for r in rows
+        ]
+        return _padded(pairs, tok.pad_token_id)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def solve(
@@ -445,12 +497,24 @@ class MathTask(Task):
             self._limits[key] = longest + GENERATION_MARGIN
         return self._limits[key]
 
-    def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book") -> dict:
+    def evaluate(self, model, split: str = "test", limit: int | None = None, scale: str = "book",
+                 batch_size: int | None = None) -> dict:
         """``{"accuracy", "answered", "n", "by_template"}``: exact match of the final number, share of
-        answers with a ``#### N``, rows scored, and accuracy per template."""
+        answers with a ``#### N``, rows scored, and accuracy per template.
+
+        At ``scale="paper"``: lm-eval's GSM8K 0-shot in bfloat16 (:meth:`evaluate_paper`).
+        ``batch_size``: rows decoded together (default :data:`EVAL_BATCH_SIZE` of the scale).
+        """
+        if check_scale(scale) == "paper":
+            return self.evaluate_paper(model, split, limit, batch_size=batch_size)
+        if batch_size is None:
+            batch_size = EVAL_BATCH_SIZE[scale]
+        batch_size = _validate.integer(batch_size, "batch_size", low=1)
         rows = self.eval_rows(split, scale)[:limit]
         limit_tokens = self.generation_limit(split, scale)
-        texts = self.solve(model, [r["question"] for r in rows], scale, max_new_tokens=limit_tokens)
+        texts = self.solve(
+            model, [r["question"] for r in rows], scale, batch_size=batch_size, max_new_tokens=limit_tokens
+        )
         predicted = [final_number(t) for t in texts]
         by_template: dict[int, list[bool]] = {}
         for row, p in zip(rows, predicted):
@@ -461,6 +525,31 @@ class MathTask(Task):
             "n": len(rows),
             "by_template": {t: sum(hits) / len(hits) for t, hits in sorted(by_template.items())},
         }
+
+    def evaluate_paper(self, model, split: str = "test", limit: int | None = None, *,
+                       batch_size: int | None = None, dtype: torch.dtype | None = PAPER_EVAL_DTYPE,
+                       log_samples: bool = False) -> dict:
+        """lm-eval-harness's GSM8K, 0-shot, on our ``split`` of GSM8K (test: GSM8K's test split).
+
+        :func:`sparsekit.tasks.lm_eval_gsm8k.evaluate_gsm8k` over the in-memory ``model`` with the paper
+        tokenizer, the parameters cast to ``dtype`` for the run (the paper's bfloat16; restored after),
+        the first ``limit`` rows, ``batch_size`` (default 1, the authors'). Returns its result:
+        ``accuracy`` (strict-match, the paper's metric), ``strict_match``, ``flexible_extract``, ``n``, ...
+        """
+        from sparsekit.tasks import lm_eval_gsm8k
+
+        rows = [{"question": r["question"], "answer": r["cot"]} for r in self.eval_rows(split, "paper")]
+        positions = _max_positions(model)
+        return lm_eval_gsm8k.evaluate_gsm8k(
+            model,
+            self.tokenizer("paper"),
+            rows,
+            limit=limit,
+            batch_size=EVAL_BATCH_SIZE["paper"] if batch_size is None else batch_size,
+            dtype=dtype,
+            max_length=positions if positions < 1 << 30 else None,
+            log_samples=log_samples,
+        )
 
     def problem_space(self, scale: str = "book") -> list[dict]:
         """Per template (drills as template 0): its reasoning-gym difficulty, and per split its rows;
