@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from sparsekit.distill.finetune import finetune
 from sparsekit.distill.trainer import LOSS_MIXES
 
-__all__ = ["RecoveryConfig", "CONFIGS", "FINE_TUNING_SELECTION", "recovery_config", "RecoveryExperiment",
+__all__ = ["RecoveryConfig", "CONFIGS", "FINE_TUNING_SELECTION", "AUTHORS_RECIPE", "authors_recipe",
+           "recovery_config", "RecoveryExperiment",
            "RecoveryResults", "training_subset", "parse_pattern", "recovery_table", "seed_spread",
-           "compare_losses", "LOSSES"]
+           "compare_losses", "LOSSES", "measure_candidates"]
 
 LOSSES = tuple(LOSS_MIXES)  # ("CE", "CE+KD", "SquareHead", "CE+SquareHead")
 
@@ -61,6 +62,53 @@ def parse_pattern(label: str) -> tuple[float, tuple[int, int] | None]:
     raise ValueError(f"pattern must look like '70%' (unstructured) or '2:4' (N:M), got {label!r}")
 
 
+# The authors' sparse fine-tuning schedule for MPT-7B on GSM8K, (epochs, lr) per pattern, as their
+# launch script (IST-DASLab/SparseFinetuning, scripts/train/scripts/mpt/run_sparse_finetune.sh) lists it
+# for the paper's Figure 4/Table 3 (unstructured) and Table 4 (N:M). Global batch 32, 20 warm-up steps,
+# linear decay to 0, no gradient clipping (their yaml: the global norm would count the pruned weights'
+# gradients), bf16 autocast over fp32 weights.
+AUTHORS_RECIPE: dict[str, tuple[float, float]] = {
+    "40%": (2, 3e-5), "50%": (2, 3e-5), "60%": (2, 1e-4), "70%": (4, 8e-5), "80%": (4, 1e-4),
+    "2:4": (4, 1e-4), "16:32": (4, 1e-4), "16:64": (4, 1e-4),
+}
+
+
+def authors_recipe(patterns: tuple[str, ...]) -> tuple[tuple[str, float, float], ...]:
+    """``RecoveryConfig.recipe`` for ``patterns`` from :data:`AUTHORS_RECIPE`: ``((pattern, epochs, lr),)``.
+
+    A pattern the authors did not run has no recipe of theirs: ``ValueError`` rather than a guess."""
+    missing = [p for p in patterns if p not in AUTHORS_RECIPE]
+    if missing:
+        raise ValueError(f"patterns {missing} have no recipe of the authors'; "
+                         f"allowed: {list(AUTHORS_RECIPE)}")
+    return tuple((p, *AUTHORS_RECIPE[p]) for p in patterns)
+
+
+def _positive_finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value)) \
+        and value > 0
+
+
+def _check_recipe_fields(max_grad_norm, recipe) -> None:
+    if max_grad_norm is not None and not _positive_finite(max_grad_norm):
+        raise ValueError(f"max_grad_norm must be a positive finite number or None (no clipping), "
+                         f"got {max_grad_norm!r}")
+    if not isinstance(recipe, tuple):
+        raise TypeError(f"recipe must be a tuple of (pattern, epochs, lr), got {type(recipe).__name__}")
+    for entry in recipe:
+        if not (isinstance(entry, tuple) and len(entry) == 3):
+            raise ValueError(f"each recipe entry must be (pattern, epochs, lr), got {entry!r}")
+        pattern, epochs, lr = entry
+        parse_pattern(pattern)
+        for name, value in (("epochs", epochs), ("lr", lr)):
+            if not _positive_finite(value):
+                raise ValueError(f"recipe {name} for {pattern} must be a positive finite number, "
+                                 f"got {value!r}")
+    labels = [entry[0] for entry in recipe]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"recipe lists a pattern more than once: {labels}")
+
+
 @dataclass(frozen=True)
 class RecoveryConfig:
     """Everything that defines a recovery experiment on one task (see the module docstring).
@@ -69,6 +117,10 @@ class RecoveryConfig:
     validation among ``train_sizes`` (``0`` in ``train_sizes`` means the whole train split).
     ``group_by_length``: batches of rows of similar length (``task.row_length``; less padding, same data);
     ``bf16``: fine-tune under bf16 autocast (:func:`~sparsekit.distill.finetune.finetune`); evaluate in fp32.
+    ``max_grad_norm``: clip the global gradient norm to it (``None``: no clipping, the authors' choice at
+    paper scale). ``recipe``: per-pattern schedules ``(pattern, epochs, lr)`` (see :func:`authors_recipe`);
+    a listed pattern trains for ``epochs`` passes over the training subset at ``lr`` instead of ``steps``
+    at ``lr`` (:meth:`schedule`).
     """
 
     patterns: tuple[str, ...]
@@ -89,8 +141,11 @@ class RecoveryConfig:
     bf16: bool = False
     n_calib: int = 128
     calib_batch_size: int = 16
+    max_grad_norm: float | None = 1.0
+    recipe: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self):
+        _check_recipe_fields(self.max_grad_norm, self.recipe)
         for label in self.patterns + self.headline + (self.sweep_pattern,):
             parse_pattern(label)
         for name in ("group_by_length", "bf16"):
@@ -102,6 +157,15 @@ class RecoveryConfig:
         missing = sorted(set(self.headline) - set(self.patterns))
         if missing:
             raise ValueError(f"headline patterns {missing} must be among patterns {list(self.patterns)}")
+
+    def schedule(self, pattern: str) -> dict:
+        """How long and how fast ``pattern`` fine-tunes: ``{"steps", "epochs", "lr"}`` (one of steps and
+        epochs is ``None``), from :attr:`recipe` where the pattern is listed, else ``steps`` at ``lr``."""
+        parse_pattern(pattern)
+        for label, epochs, lr in self.recipe:
+            if label == pattern:
+                return {"steps": None, "epochs": epochs, "lr": lr}
+        return {"steps": self.steps, "epochs": None, "lr": self.lr}
 
     def fine_tuning_runs(self) -> int:
         """How many fine-tuning runs :meth:`RecoveryExperiment.run` makes (its cost, in runs)."""
@@ -268,9 +332,10 @@ class RecoveryExperiment:
             student = self.task.student_like(self.pruned(pattern))
             rows = training_subset(self.task, size, self.scale)
             lengths = [self.task.row_length(r) for r in rows] if config.group_by_length else None
-            result = finetune(student, self.teacher, rows, self.collate, loss, steps=config.steps,
-                              lr=config.lr, batch_size=config.batch_size, warmup=config.warmup,
-                              temperature=config.temperature, seed=seed, lengths=lengths, bf16=config.bf16)
+            result = finetune(student, self.teacher, rows, self.collate, loss, **config.schedule(pattern),
+                              batch_size=config.batch_size, warmup=config.warmup,
+                              temperature=config.temperature, seed=seed, lengths=lengths, bf16=config.bf16,
+                              max_grad_norm=config.max_grad_norm or 0.0)
             self._models[key] = result
             self._curves[key] = result.record
         result = self._models[key]
@@ -338,6 +403,36 @@ class RecoveryExperiment:
                                config=config, runs=runs, one_shot=pd.DataFrame(one_shot), reference=reference,
                                curves=dict(self._curves), train_size=self._size(size), size_key=size,
                                seconds=seconds)
+
+
+def measure_candidates(task_name: str, scale: str, candidates: dict[str, dict],
+                       losses: tuple[str, ...] = ("CE", "CE+SquareHead"), seed: int = 0, size: int = 0,
+                       teacher=None, progress: bool = True) -> list[dict]:
+    """A choice made on validation: the sweep's runs (``config.sweep_pattern``, ``size`` rows of train, 0 =
+    all; ``seed``) under each candidate's overrides of the ``scale`` config, evaluated on **validation**.
+
+    ``candidates``: label -> :func:`with_overrides` changes, e.g. ``{"clip 1.0": {}, "no clipping":
+    {"max_grad_norm": None}}``. Returns one row per candidate: each loss's validation metric, and per loss
+    the loss spikes and the largest gradient norm of the run (for :data:`FINE_TUNING_SELECTION`-style
+    records; no timings).
+    """
+    from sparsekit import tasks
+
+    base = recovery_config(task_name, scale)
+    teacher = teacher if teacher is not None else tasks.get(task_name).teacher(scale, progress=progress)
+    rows = []
+    for label, changes in tqdm(candidates.items(), desc=f"{task_name}: candidates", disable=not progress):
+        config = with_overrides(base, **changes)
+        experiment = RecoveryExperiment(task_name, scale, config, progress=False, teacher=teacher)
+        row = {"candidate": label}
+        for loss in losses:
+            experiment.fine_tune(config.sweep_pattern, loss, seed, size, ("validation",))
+            run = experiment._rows[-1]
+            row[loss] = run["value"]
+            row[f"{loss} spikes"] = run["spikes"]
+            row[f"{loss} max grad norm"] = run["max_grad_norm"]
+        rows.append(row)
+    return rows
 
 
 # ---- summaries for the notebooks ---------------------------------------------------------------------
