@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["PRECISIONS", "SHARDING", "TEACHER", "MASKS", "PlanDoesNotFitError", "MemoryPlan", "meta_model",
-           "load_config", "memory_plan", "activation_bytes", "training_time"]
+           "load_config", "memory_plan", "activation_bytes", "training_time", "experiment_plan",
+           "PLAN_SEQ_LEN"]
 
 GiB = 2**30
 # bytes per element: p = parameters as stored, g = gradients, a = activations (and the teacher, the
@@ -152,6 +153,10 @@ def activation_bytes(*, hidden: int, ffn: int, heads: int, blocks: int, vocab: i
             "teacher_outputs": a * s * b * (h * (blocks + 1) + vocab)}
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes per rank of one sparse fine-tuning run (see the module docstring); ``total`` is their sum."""
@@ -191,8 +196,8 @@ class MemoryPlan:
     def describe(self) -> str:
         """The plan as text: the setting, each component and the verdict."""
         s = self.settings
-        lines = [f"memory plan for {self.model}: {self.parameters_count / 1e9:.3f} B parameters "
-                 f"({self.prunable_count / 1e9:.3f} B prunable), {s['world_size']} rank(s), sharding "
+        lines = [f"memory plan for {self.model}: {_count(self.parameters_count)} parameters "
+                 f"({_count(self.prunable_count)} prunable), {s['world_size']} rank(s), sharding "
                  f"{s['sharding']}, {s['precision']}, sequence {s['seq_len']} x micro-batch "
                  f"{s['micro_batch']}, "
                  f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, masks "
@@ -308,3 +313,128 @@ def training_time(plan: MemoryPlan, *, steps: int, global_batch: int, peak_tflop
     flops = per_token * plan.parameters_count * tokens
     seconds = flops / (s["world_size"] * peak_tflops * 1e12 * utilization)
     return {"tokens": tokens, "flops": flops, "hours": seconds / 3600}
+
+
+# ---- the recovery experiments of notebooks 03-05 ----------------------------------------------------------
+# The sequence length each task's run is planned at: MPT on GSM8K, the authors' max_seq_len; Whisper's encoder
+# always sees 30 s of audio (1500 frames), the longest sequence of its blocks; T5 on WMT14, a length that
+# WMT14 sentences rarely exceed in T5's tokens (our assumption: the path does not truncate).
+PLAN_SEQ_LEN = {"math": 512, "speech": 1500, "translation": 256}
+
+
+def experiment_plan(task, config, scale: str, *, world_size: int = 4, gpu_memory_gib: float | None = 80.0,
+                    seq_len: int | None = None) -> MemoryPlan:
+    """The memory plan of one fine-tuning run of a recovery experiment (notebooks 03-05).
+
+    The model is the task's teacher architecture at ``scale`` (at ``"paper"``: the config of
+    ``task.real.model_id``, a hub id or local copy); precision from ``config.bf16`` (bf16 autocast over fp32
+    weights, or fp32); ``world_size`` ranks under FSDP full shard (1: no sharding), each with micro-batch
+    ``⌈config.batch_size / world_size⌉``; activation checkpointing; bool masks; the teacher sharded (or on
+    the one GPU). ``seq_len``: default :data:`PLAN_SEQ_LEN` of the task. At ``scale="paper"`` a run that
+    does not fit ``gpu_memory_gib`` raises :class:`PlanDoesNotFitError`; at the laptop scales the plan is
+    informational (nothing is checked).
+    """
+    _positive_int("world_size", world_size)
+    source = task.real.load_config() if scale == "paper" else task.model_config(scale)
+    return memory_plan(source, world_size=world_size, precision="bf16-mixed" if config.bf16 else "fp32",
+                       sharding="full" if world_size > 1 else "none", activation_checkpointing=True,
+                       seq_len=seq_len or PLAN_SEQ_LEN[task.name],
+                       micro_batch=math.ceil(config.batch_size / world_size), masks="bool",
+                       teacher="sharded" if world_size > 1 else "replicated",
+                       gpu_memory_gib=gpu_memory_gib, check=scale == "paper")
+
+
+# ---- the table of book/reproducing.md ---------------------------------------------------------------------
+GSM8K_TRAIN_ROWS = 7473  # openai/gsm8k "main", train split
+A100_BF16_TFLOPS = 312.0  # NVIDIA A100 dense bf16 tensor-core peak (NVIDIA's data sheet)
+ASSUMED_UTILIZATION = 0.4  # an assumption, not a measurement: typical of FSDP fine-tuning of 7B models
+BOOK_MARKERS = ("<!-- plan:start -->", "<!-- plan:end -->")
+
+
+def paper_math_steps(config, validation_rows: int = 500) -> int:
+    """Optimizer steps of the whole paper-scale math experiment: every run's epochs over the train split
+    (GSM8K's train less the ``validation_rows`` carved out for validation) at ``config.batch_size``."""
+    per_epoch = math.ceil((GSM8K_TRAIN_ROWS - validation_rows) / config.batch_size)
+    runs = [(p, seed) for p in config.patterns for seed in config.seeds[:1]]
+    runs += [(p, seed) for seed in config.seeds[1:] for p in config.headline]
+    total = 0
+    for pattern, _ in runs:
+        schedule = config.schedule(pattern)
+        steps = schedule["steps"] or math.ceil(schedule["epochs"] * per_epoch)
+        total += steps * len(config.losses)
+    return total
+
+
+def reproducing_table(mpt_config) -> str:
+    """The markdown block of ``book/reproducing.md``: MPT-7B's per-rank memory in three settings and the
+    expected time of the paper-scale math experiment, all computed here (``python -m sparsekit.plan``)."""
+    from sparsekit.distill.experiment import recovery_config
+    from sparsekit.tasks.real import RealPath
+
+    config = recovery_config("math", "paper")
+    settings = [("4 × 80 GB, FSDP full shard (the authors' GPU count and sharding)",
+                 dict(world_size=4, sharding="full")),
+                ("8 × 40 GB, FSDP full shard", dict(world_size=8, sharding="full", gpu_memory_gib=40)),
+                ("1 × 80 GB, no sharding (4 micro-batches a step)",
+                 dict(world_size=1, sharding="none", micro_batch=8))]
+    lines = ["| setting (bf16 autocast, activation checkpointing, sequence 512) | micro-batch | weights + "
+             "gradients + AdamW, GiB | masks (bool), GiB | teacher, GiB | activations + logits, GiB | total "
+             "per GPU, GiB | fits? |", "|---|---|---|---|---|---|---|---|"]
+    plans = []
+    for label, changes in settings:
+        world = changes["world_size"]
+        kwargs = dict(precision="bf16-mixed", activation_checkpointing=True, seq_len=PLAN_SEQ_LEN["math"],
+                      micro_batch=max(1, config.batch_size // max(world, 4)), masks="bool",
+                      teacher="sharded" if world > 1 else "replicated", gpu_memory_gib=80.0, check=False)
+        plan = memory_plan(mpt_config, **{**kwargs, **changes})
+        plans.append(plan)
+        b = plan.bytes
+        state = b["parameters"] + b["gradients"] + b["optimizer"]
+        acts = b["activations"] + b["logits"] + b["teacher outputs"] + b["gathered"]
+        lines.append(f"| {label} | {plan.settings['micro_batch']} | {state / GiB:.1f} | "
+                     f"{b['masks'] / GiB:.1f} | "
+                     f"{b['teacher'] / GiB:.1f} | {acts / GiB:.1f} | {plan.total / GiB:.1f} | "
+                     f"{'yes' if plan.fits else 'no'} (of {plan.usable / GiB:.0f} usable) |")
+    steps = paper_math_steps(config, RealPath.__dataclass_fields__["validation_rows"].default)
+    time = training_time(plans[0], steps=steps, global_batch=config.batch_size,
+                         peak_tflops=A100_BF16_TFLOPS, utilization=ASSUMED_UTILIZATION)
+    lines += ["", f"MPT-7B: {_count(plans[0].parameters_count)} parameters, "
+              f"{_count(plans[0].prunable_count)} in the pruned linear layers (counted on the meta device "
+              f"from `tests/fixtures/mpt-7b/config.json`). The paper-scale math experiment "
+              f"(`CONFIGS['math']['paper']`: {len(config.patterns)} patterns × "
+              f"{len(config.losses)} losses, plus seeds {', '.join(map(str, config.seeds[1:]))} at "
+              f"{', '.join(config.headline)}, each on the "
+              f"authors' epochs) is {steps:,} optimizer steps of {config.batch_size} rows × 512 tokens: "
+              f"{time['flops']:.2e} FLOPs, about {time['hours']:.0f} hours on 4 GPUs at an assumed "
+              f"{ASSUMED_UTILIZATION:.0%} of an A100's {A100_BF16_TFLOPS:.0f} TFLOPS bf16 peak (an estimate "
+              f"from "
+              f"the FLOP count, not a measurement; pruning and evaluation not included)."]
+    return "\n".join(lines)
+
+
+def write_reproducing_table(mpt_config, path) -> bool:
+    """Replace the block between :data:`BOOK_MARKERS` in ``path`` with :func:`reproducing_table`; True if
+    it changed."""
+    from sparsekit.fileio import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text()
+    start, end = BOOK_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{reproducing_table(mpt_config)}\n{end}{tail}"
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m sparsekit.plan: regenerate the table of book/reproducing.md
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    changed = write_reproducing_table(root / "tests" / "fixtures" / "mpt-7b",
+                                      root / "book" / "reproducing.md")
+    print("book/reproducing.md " + ("updated" if changed else "already up to date"))
+    sys.exit(0)
