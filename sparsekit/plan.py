@@ -332,9 +332,10 @@ def experiment_plan(task, config, scale: str, *, world_size: int = 4, gpu_memory
     ``⌈config.batch_size / world_size⌉``; activation checkpointing; bool masks; the teacher sharded (or on
     the one GPU). ``seq_len``: default :data:`PLAN_SEQ_LEN` of the task. At ``scale="paper"`` a run that
     does not fit ``gpu_memory_gib`` raises :class:`PlanDoesNotFitError`; at the laptop scales the plan is
-    informational (nothing is checked).
+    informational (one process, nothing is checked).
     """
     _positive_int("world_size", world_size)
+    world_size = world_size if scale == "paper" else 1  # the laptop scales run in one process
     source = task.real.load_config() if scale == "paper" else task.model_config(scale)
     return memory_plan(source, world_size=world_size, precision="bf16-mixed" if config.bf16 else "fp32",
                        sharding="full" if world_size > 1 else "none", activation_checkpointing=True,
