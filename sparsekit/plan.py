@@ -21,7 +21,10 @@ counts its parameters, its prunable weights (the ``nn.Linear`` weights inside th
       A_block = a/2 · (s·b·(18·h + 4·f) + 5·n_a·s²·b)
 
   (layer-norm, QKV, attention-score, softmax and MLP inputs; the count includes dropout masks, which a model
-  without dropout does not allocate, so it is an upper bound of a few percent). Without activation
+  without dropout does not allocate: on a tiny fp32 MPT, autograd keeps 60-100 % of it, as a test checks).
+  Assumed: every saved tensor in the activation dtype; a model that computes its softmax in fp32 under
+  autocast (transformers' MPT) keeps the ``n_a·s²·b`` scores in 4 bytes, up to twice that term, which with
+  checkpointing counts for one block only. Without activation
   checkpointing all blocks keep theirs, ``L·A_block``; with it (one checkpoint per block) each block keeps
   its input ``a·s·b·h`` and one block is recomputed at a time: ``L·a·s·b·h + A_block``. Both add the
   logits and the loss's fp32 copy and gradient ``s·b·V·(a + 8)``, and the teacher's outputs that the

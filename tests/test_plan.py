@@ -100,7 +100,7 @@ def test_activation_formula_bounds_what_autograd_saves(hidden, blocks, heads, se
                  micro_batch=batch, element=4)
     full = activation_bytes(**shape, checkpointing=False)["blocks"]
     assert 0.6 * full <= saved_bytes() <= full
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     inputs = blocks * 4 * seq * batch * hidden
     outside = 4 * seq * batch * hidden + batch * seq * seq + 16 * batch * seq  # final norm, mask, ids
     assert inputs <= saved_bytes() <= inputs + outside
