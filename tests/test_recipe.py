@@ -119,3 +119,12 @@ def test_recovery_config_is_still_hashable_and_frozen():
     config = RecoveryConfig(patterns=("50%",), steps=1, batch_size=1, lr=1e-3, warmup=0, train_sizes=(1,),
                             headline=("50%",), sweep_pattern="50%", recipe=(("50%", 2, 3e-5),))
     assert hash(config) == hash(with_overrides(config))
+
+
+def test_measure_candidates_runs_each_candidate_on_validation():
+    from sparsekit.distill.experiment import measure_candidates
+
+    candidates = {"clip 1.0": {}, "no clipping": {"max_grad_norm": None}}
+    rows = measure_candidates("translation", "smoke", candidates, losses=("CE",), size=16, progress=False)
+    assert [r["candidate"] for r in rows] == ["clip 1.0", "no clipping"]
+    assert all(0.0 <= r["CE"] <= 1.0 and r["CE max grad norm"] > 0 for r in rows)  # smoke BLEU is a fraction

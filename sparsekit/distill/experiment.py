@@ -495,8 +495,8 @@ AUTHORS_SETTINGS = {"max_grad_norm": None, "temperature": 1.0, "bf16": True, "wa
 # whose schedules the paper does not publish).
 DEPARTURE_REASONS = {
     "book": {
-        "gradient clipping": "kept from the runs this book was built with; whether it stays is the "
-                             "validation comparison below (CLIPPING_SELECTION)",
+        "gradient clipping": "kept from the runs this book was built with; not chosen on validation (no "
+                             "comparison with unclipped runs has been made; measure_candidates makes one)",
         "KD temperature": "the book's setting for the CE+KD comparison, not tuned; the authors' MPT runs use "
                           "no logit KD, so their temperature 1 is unused there",
         "learning rate": "the tiny models trained here need larger steps than a pre-trained 7 B model: 1e-3 "
