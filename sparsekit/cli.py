@@ -10,7 +10,8 @@ inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized
 ``sparsekit finetune STUDENT --teacher DIR (--task T | --data FILE) --out DIR
 (--steps N | --epochs E)`` fine-tunes a pruned model with its mask kept (loss mix, optional LoRA) and
 writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the book driver
-(:mod:`sparsekit.book`).
+(:mod:`sparsekit.book`). ``sparsekit plan MODEL [--world-size W] [--gpu-memory GIB] ...`` prints the memory
+per GPU of a sparse fine-tuning run (:mod:`sparsekit.plan`), exit 4 when it cannot fit.
 
 ``sparsekit prune ... --format compressed-tensors`` writes instead a new folder that transformers loads
 through its compressed-tensors integration (:func:`sparsekit.formats.compressed_tensors.save_compressed`).
@@ -633,6 +634,45 @@ def run_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# plan
+
+EXIT_DOES_NOT_FIT = 4
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from sparsekit.plan import MASKS, PRECISIONS, SHARDING, TEACHER
+
+    parser.add_argument("model", help="a config.json, a model folder or a hub id (built on the meta device)")
+    parser.add_argument("--world-size", type=int, default=1, help="GPUs (ranks); default 1")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed")
+    parser.add_argument("--sharding", choices=SHARDING, default="full", help="FSDP full shard, or none")
+    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing",
+                        action="store_false")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per GPU per forward")
+    parser.add_argument("--masks", choices=MASKS, default="bool")
+    parser.add_argument("--teacher", choices=TEACHER, default="sharded")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="GPU memory in GiB: refuse (exit 4) a run that does not fit")
+    parser.add_argument("--headroom", type=float, default=0.10, help="fraction kept free (default 0.10)")
+
+
+def run_plan(args) -> int:
+    from sparsekit.plan import PlanDoesNotFitError, memory_plan
+
+    try:
+        plan = memory_plan(args.model, world_size=args.world_size, precision=args.precision,
+                           sharding=args.sharding, activation_checkpointing=args.activation_checkpointing,
+                           seq_len=args.seq_len, micro_batch=args.micro_batch, masks=args.masks,
+                           teacher=args.teacher, gpu_memory_gib=args.gpu_memory, headroom=args.headroom)
+    except PlanDoesNotFitError as error:
+        print(f"sparsekit plan: refused: {error}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    print(plan.describe())
+    return 0
+
+
 # name -> (help, add_arguments, run)
 COMMANDS = {
     "prune": ("one-shot pruning (SparseGPT, Wanda, magnitude) of a Hugging Face model",
@@ -642,6 +682,8 @@ COMMANDS = {
     "book": ("run the book's notebooks (and build the book)", _add_book_arguments, run_book),
     "bench": ("time the CPU kernels against torch dense (the goal table), or --calibrate the dispatch",
               _add_bench_arguments, run_bench),
+    "plan": ("the memory a sparse fine-tuning run needs per GPU (meta device), refusing one that cannot fit",
+             _add_plan_arguments, run_plan),
 }
 
 
