@@ -74,8 +74,8 @@ class MaskWatch(TrainerCallback):
         self.steps_checked += 1
 
 
-def main(out: Path, single: bool) -> None:
-    run = "single" if single else "fsdp"
+def main(out: Path, single: bool, bf16: bool = False) -> None:
+    run = ("single" if single else "fsdp") + ("-bf16" if bf16 else "")
     teacher = tiny_mpt().eval()
     student = tiny_mpt()
     calibration = [stack_rows(motif_rows(8, seed=7))]
@@ -92,7 +92,7 @@ def main(out: Path, single: bool) -> None:
     watch = MaskWatch(one_shot_masks, rank, world)
     result = finetune(student, teacher, motif_rows(64), stack_rows, LOSS, steps=STEPS, lr=3e-3,
                       batch_size=GLOBAL_BATCH // world, warmup=1, max_grad_norm=1.0, seed=0,
-                      fsdp=not single, callbacks=[watch])
+                      fsdp=not single, callbacks=[watch], bf16=bf16)
     teacher_params = list(teacher.parameters())
     teacher_unchanged = all(
         torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, teacher_before[name])
@@ -127,5 +127,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--single", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     options = parser.parse_args()
-    main(options.out, options.single)
+    main(options.out, options.single, options.bf16)

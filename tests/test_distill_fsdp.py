@@ -140,3 +140,38 @@ def test_sharded_fine_tuning_brings_the_student_closer_to_the_teacher(runs):
             return float(LOSS["kd"] * kd_loss(s.logits, t.logits, labels) + LOSS["squarehead"] * hidden)
 
     assert loss(trained) < 0.8 * loss(pruned)
+
+
+def test_cli_under_the_shipped_accelerate_config_shards_and_keeps_the_zeros(tmp_path):
+    """``accelerate launch --config_file configs/accelerate_fsdp.yaml -m sparsekit.cli finetune``: the path
+    the README gives, in two CPU processes (bf16 switched off: the point here is the config and the CLI)."""
+    import json as json_module
+
+    from transformers import MptForCausalLM
+
+    teacher = tiny_mpt()
+    teacher.save_pretrained(tmp_path / "teacher")
+    student = tiny_mpt()
+    with torch.no_grad():
+        for name, module in student.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("transformer.blocks"):
+                module.weight.mul_(torch.rand_like(module.weight) > 0.6)
+    masks = {name: p != 0 for name, p in student.state_dict().items() if name.startswith("transformer.blocks")
+             and p.dim() == 2}
+    student.save_pretrained(tmp_path / "student")
+    rows = [{k: v.tolist() for k, v in row.items()} for row in motif_rows(32)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json_module.dumps(row) for row in rows))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    config = ROOT / "configs" / "accelerate_fsdp.yaml"
+    _run_together([str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2",
+                   "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+                   "-m", "sparsekit.cli", "finetune", str(tmp_path / "student"), "--teacher",
+                   str(tmp_path / "teacher"), "--data", str(tmp_path / "rows.jsonl"),
+                   "--out", str(tmp_path / "out"), "--steps", "4", "--batch-size", "4", "--lr", "3e-3",
+                   "--loss", "SquareHead", "--quiet"])
+    metrics = json_module.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["fsdp"] is True and metrics["steps"] == 4
+    trained = MptForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name, mask in masks.items():
+        assert torch.equal(trained[name] != 0, mask), name
+    assert any(not torch.equal(trained[name], student.state_dict()[name]) for name in masks)

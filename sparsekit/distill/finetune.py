@@ -41,6 +41,7 @@ class FinetuneResult:
     wall_s: float
     steps: int
     loss_weights: dict = field(default_factory=dict)
+    sharded: bool = False  # trained under FSDP
 
 
 def _positive(name: str, value, kind=int):
@@ -101,8 +102,9 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     sharding = {}
     if fsdp is not False:
         sharding = {"fsdp": True, "fsdp_config": fsdp_config(student, **(fsdp if fsdp is not True else {}))}
-        if not torch.cuda.is_available():  # FSDP2 runs on CPU over gloo (tests; no speed to gain)
-            sharding.update(use_cpu=True, ddp_backend="gloo")
+    launched_with_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if (sharding or launched_with_fsdp) and not torch.cuda.is_available():
+        sharding.update(use_cpu=True, ddp_backend="gloo")  # FSDP2 on CPU over gloo (tests; nothing to gain)
     if lora_rank is not None:
         from sparsekit.distill.lora import add_lora
 
@@ -137,7 +139,7 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
         if model is not None:
             model.eval()
         return FinetuneResult(model=model, record=trainer.record, stability=trainer.stability(), wall_s=wall,
-                              steps=trainer.state.global_step, loss_weights=weights)
+                              steps=trainer.state.global_step, loss_weights=weights, sharded=True)
     # accelerate wrapped forward in bf16 autocast for training; the returned model runs in fp32 again
     model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if lora_rank is not None:
