@@ -1,9 +1,11 @@
-"""Sparse fine-tuning of a SparseGPT-pruned tiny MPT under FSDP2, as run by tests/test_distill_fsdp.py.
+"""Sparse fine-tuning of a SparseGPT-pruned tiny MPT under FSDP2, as run by tests/test_distill_fsdp.py
+(CPU, gloo) and by kernels/gpu_fsdp_check.py (CUDA, nccl).
 
-``torchrun --nproc_per_node 2 tests/fsdp_finetune_script.py OUT`` (CPU, gloo) shards the student (and the
-teacher) over two ranks; ``python tests/fsdp_finetune_script.py OUT --single`` is the single-process
-reference on the same data, seed and global batch. Each rank writes ``OUT/<run>-rank{R}.json`` (its checks);
-rank 0 also saves the trained model through ``save_checkpoint`` to ``OUT/<run>-model``.
+``torchrun --nproc_per_node 2 tests/fsdp_finetune_script.py OUT`` shards the student (and the teacher) over
+the ranks; ``python tests/fsdp_finetune_script.py OUT --single`` is the single-process reference on the same
+data, seed and global batch; ``--bf16`` trains under bf16 mixed precision. Each rank writes
+``OUT/<run>-rank{R}.json`` (its checks); rank 0 also saves the trained model through ``save_checkpoint``
+to ``OUT/<run>-model``.
 """
 
 import argparse
@@ -65,7 +67,7 @@ class MaskWatch(TrainerCallback):
             if "weight_mask" not in getattr(module, "_buffers", {}):
                 continue
             weight, mask = _local(module.weight.detach()), _local(layout_mask(module))
-            one_shot = self.masks[name.replace("_checkpoint_wrapped_module.", "")]
+            one_shot = self.masks[name.replace("_checkpoint_wrapped_module.", "")].to(mask.device)
             self.masks_changed += not torch.equal(mask, one_shot.chunk(self.world)[self.rank])
             self.mask_dtypes.add(str(mask.dtype))
             self.sharded.add(type(module.weight).__name__)
@@ -85,7 +87,7 @@ def main(out: Path, single: bool, bf16: bool = False) -> None:
                       if isinstance(m, torch.nn.Linear) and name.startswith("transformer.blocks")}
     teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
 
-    world = 1 if single else 2
+    world = 1 if single else int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         save_file({name: t.contiguous() for name, t in pruned.items()}, out / f"{run}-pruned.safetensors")
@@ -95,7 +97,7 @@ def main(out: Path, single: bool, bf16: bool = False) -> None:
                       fsdp=not single, callbacks=[watch], bf16=bf16)
     teacher_params = list(teacher.parameters())
     teacher_unchanged = all(
-        torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, teacher_before[name])
+        torch.equal((p.full_tensor() if hasattr(p, "full_tensor") else p).cpu(), teacher_before[name])
         for (name, _), p in zip(teacher_before.items(), teacher_params))
     report = {
         "rank": rank, "world": world, "losses": [entry["loss"] for entry in result.record],
@@ -109,10 +111,10 @@ def main(out: Path, single: bool, bf16: bool = False) -> None:
     }
     if result.model is not None:
         model = result.model
-        report["zeros_in_memory"] = all(bool((model.get_parameter(f"{name}.weight")[~mask] == 0).all())
+        report["zeros_in_memory"] = all(bool((model.get_parameter(f"{name}.weight").cpu()[~mask] == 0).all())
                                         for name, mask in one_shot_masks.items())
         report["pruned_weights"] = int(sum((~mask).sum() for mask in one_shot_masks.values()))
-        report["changed_from_pruned"] = any(not torch.equal(p, pruned[name])
+        report["changed_from_pruned"] = any(not torch.equal(p.cpu(), pruned[name])
                                             for name, p in model.named_parameters())
         save_checkpoint(model, out / f"{run}-model")
     if torch.distributed.is_initialized():

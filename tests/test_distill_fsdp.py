@@ -175,3 +175,34 @@ def test_cli_under_the_shipped_accelerate_config_shards_and_keeps_the_zeros(tmp_
     for name, mask in masks.items():
         assert torch.equal(trained[name] != 0, mask), name
     assert any(not torch.equal(trained[name], student.state_dict()[name]) for name in masks)
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_fsdp_check", ROOT / "kernels" / "gpu_fsdp_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_refuses_without_cuda_and_its_shell_script_parses(monkeypatch, capsys):
+    gpu_check = _gpu_check_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main([])
+    assert stopped.value.code == gpu_check.EXIT_NO_CUDA == 3
+    assert "no CUDA device" in capsys.readouterr().err
+    assert subprocess.run(["bash", "-n", str(ROOT / "kernels" / "gpu_fsdp_check.sh")]).returncode == 0
+    assert gpu_check.SCRIPT == SCRIPT
+
+
+def test_gpu_check_judges_the_cpu_runs_reports_as_passing(runs):
+    """The GPU driver's checks pass on this machine's sharded run (and would catch a regrown weight)."""
+    out, reports = runs
+    gpu_check = _gpu_check_module()
+    for rank in (0, 1):
+        assert all(gpu_check.rank_checks(reports[f"fsdp-rank{rank}"]).values())
+    broken = {**reports["fsdp-rank0"], "violations": 3}
+    assert not gpu_check.rank_checks(broken)["no pruned weight regrew after any step"]
+    assert gpu_check.weight_difference(out / "fsdp-model", out / "single-model") < gpu_check.WEIGHT_TOLERANCE

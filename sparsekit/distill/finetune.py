@@ -76,7 +76,8 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     ``fsdp``: shard the student and the teacher with FSDP2 (run under ``accelerate launch`` or ``torchrun``
     with one process per device): ``True`` for :func:`fsdp_config`'s settings, or a mapping of
     ``TrainingArguments.fsdp_config`` entries that override them. Without it, an FSDP plugin set by
-    ``accelerate launch --config_file`` is used as it is. Not with ``lora_rank``. ``callbacks``:
+    ``accelerate launch --config_file`` is used as it is. Not with ``lora_rank``. A sharded run leaves
+    ``student`` and ``teacher`` themselves sharded in place: use ``result.model``. ``callbacks``:
     ``transformers.TrainerCallback``s added to the trainer (they see the sharded model during training).
     """
     from transformers import TrainingArguments

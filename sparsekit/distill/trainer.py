@@ -128,8 +128,10 @@ def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     """``fully_shard`` every transformer block of ``teacher`` (its ``_no_split_modules`` classes), then the
     root, on the default device mesh of all ranks: a frozen teacher whose parameters are gathered one block at
     a time for its forward and freed after it. Call on every rank; the teacher is never given an optimizer."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if isinstance(teacher, FSDPModule):  # sharded by an earlier run (an experiment reuses its teacher)
+        return teacher
     block_names = set(getattr(teacher, "_no_split_modules", None) or ())
     if not block_names:
         raise ValueError(f"cannot shard teacher {type(teacher).__name__}: it lists no _no_split_modules "
