@@ -206,3 +206,23 @@ def test_gpu_check_judges_the_cpu_runs_reports_as_passing(runs):
     broken = {**reports["fsdp-rank0"], "violations": 3}
     assert not gpu_check.rank_checks(broken)["no pruned weight regrew after any step"]
     assert gpu_check.weight_difference(out / "fsdp-model", out / "single-model") < gpu_check.WEIGHT_TOLERANCE
+
+
+def test_bad_fsdp_options_are_refused_by_name():
+    from sparsekit.distill.experiment import RecoveryExperiment, recovery_config, with_overrides
+    from sparsekit.distill.finetune import finetune, fsdp_config
+
+    teacher = tiny_mpt()
+    rows = motif_rows(8)
+    with pytest.raises(ValueError, match="fsdp must be"):
+        finetune(tiny_mpt(), teacher, rows, stack_rows, "CE", steps=1, batch_size=4, fsdp="yes")
+    with pytest.raises(ValueError, match="lora_rank"):
+        finetune(tiny_mpt(), teacher, rows, stack_rows, "CE", steps=1, batch_size=4, fsdp=True, lora_rank=2)
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        fsdp_config(torch.nn.Linear(2, 2))
+    config = fsdp_config(teacher, activation_checkpointing=False)
+    assert config["transformer_layer_cls_to_wrap"] == ["MptBlock"] and not config["activation_checkpointing"]
+    with pytest.raises(ValueError, match="fsdp must be True or False"):
+        with_overrides(recovery_config("math", "smoke"), fsdp="no")
+    with pytest.raises(ValueError, match="stream"):
+        RecoveryExperiment("math", "smoke", stream="yes")
