@@ -144,7 +144,7 @@ def test_sharded_fine_tuning_brings_the_student_closer_to_the_teacher(runs):
 
 def test_cli_under_the_shipped_accelerate_config_shards_and_keeps_the_zeros(tmp_path):
     """``accelerate launch --config_file configs/accelerate_fsdp.yaml -m sparsekit.cli finetune``: the path
-    the README gives, in two CPU processes (bf16 switched off: the point here is the config and the CLI)."""
+    the README gives, in two CPU processes, under the config's bf16 mixed precision."""
     import json as json_module
 
     from transformers import MptForCausalLM
@@ -164,7 +164,7 @@ def test_cli_under_the_shipped_accelerate_config_shards_and_keeps_the_zeros(tmp_
     accelerate = Path(sys.executable).parent / "accelerate"
     config = ROOT / "configs" / "accelerate_fsdp.yaml"
     _run_together([str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2",
-                   "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+                   "--main_process_port", str(_free_port()),
                    "-m", "sparsekit.cli", "finetune", str(tmp_path / "student"), "--teacher",
                    str(tmp_path / "teacher"), "--data", str(tmp_path / "rows.jsonl"),
                    "--out", str(tmp_path / "out"), "--steps", "4", "--batch-size", "4", "--lr", "3e-3",
@@ -208,7 +208,7 @@ def test_gpu_check_judges_the_cpu_runs_reports_as_passing(runs):
     assert gpu_check.weight_difference(out / "fsdp-model", out / "single-model") < gpu_check.WEIGHT_TOLERANCE
 
 
-def test_bad_fsdp_options_are_refused_by_name():
+def test_bad_fsdp_options_are_refused_by_name(monkeypatch):
     from sparsekit.distill.experiment import RecoveryExperiment, recovery_config, with_overrides
     from sparsekit.distill.finetune import finetune, fsdp_config
 
@@ -216,6 +216,9 @@ def test_bad_fsdp_options_are_refused_by_name():
     rows = motif_rows(8)
     with pytest.raises(ValueError, match="fsdp must be"):
         finetune(tiny_mpt(), teacher, rows, stack_rows, "CE", steps=1, batch_size=4, fsdp="yes")
+    with pytest.raises(ValueError, match="distributed launch"):
+        finetune(tiny_mpt(), teacher, rows, stack_rows, "CE", steps=1, batch_size=4, fsdp=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match="lora_rank"):
         finetune(tiny_mpt(), teacher, rows, stack_rows, "CE", steps=1, batch_size=4, fsdp=True, lora_rank=2)
     with pytest.raises(ValueError, match="_no_split_modules"):

@@ -95,6 +95,9 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
         raise ValueError(f"bf16 must be True or False, got {bf16!r}")
     if not isinstance(fsdp, (bool, Mapping)):
         raise ValueError(f"fsdp must be True, False or a mapping of fsdp_config entries, got {fsdp!r}")
+    if fsdp is not False and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"fsdp={fsdp!r} needs a distributed launch, one process per device (accelerate "
+                         "launch or torchrun); WORLD_SIZE is not set")
     if fsdp is not False and lora_rank is not None:
         raise ValueError(f"fsdp={fsdp!r} with lora_rank={lora_rank!r}: sharded LoRA is not supported")
     weights = parse_loss_mix(loss)

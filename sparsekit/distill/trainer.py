@@ -39,7 +39,7 @@ from sparsekit.distill.losses import block_outputs, ce_loss, kd_loss, shift_labe
 from sparsekit.masks import apply_masks, freeze_masks, mask_gradients
 
 __all__ = ["SparseTrainer", "LOSS_MIXES", "parse_loss_mix", "loss_spikes", "stability_summary",
-           "shard_teacher"]
+           "shard_teacher", "shard_tied_embeddings"]
 
 COMPONENTS = ("ce", "kd", "squarehead")
 
@@ -124,6 +124,31 @@ def _keep_fsdp_on_cpu(accelerator, args) -> bool:
     return True
 
 
+def shard_tied_embeddings(model: torch.nn.Module, plugin) -> list[str]:
+    """``fully_shard`` in one FSDP unit every module that holds the input embedding's weight, when more
+    modules than the input and output embeddings hold it (T5: ``shared``, ``encoder.embed_tokens``,
+    ``decoder.embed_tokens``); returns their names. accelerate's FSDP2 preparation gives the input embedding
+    its own unit and leaves the other holders to the root, and FSDP2 refuses a parameter seen by two units;
+    accelerate keeps a unit that is already sharded. Call before ``accelerator.prepare``."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if weight is None:
+        return []
+    holders = [(name, module) for name, module in model.named_modules()
+               if any(param is weight for param in module.parameters(recurse=False))]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if {id(module) for _, module in holders} <= {id(embedding), id(output)}:
+        return []  # the input/output pair accelerate groups itself
+    if any(isinstance(module, FSDPModule) for _, module in holders):
+        return []
+    mixed = plugin.mixed_precision_policy
+    fully_shard([module for _, module in holders], reshard_after_forward=plugin.reshard_after_forward,
+                mp_policy=mixed if isinstance(mixed, MixedPrecisionPolicy) else MixedPrecisionPolicy())
+    return [name for name, _ in holders]
+
+
 def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     """``fully_shard`` every transformer block of ``teacher`` (its ``_no_split_modules`` classes), then the
     root, on the default device mesh of all ranks: a frozen teacher whose parameters are gathered one block at
@@ -185,6 +210,8 @@ class SparseTrainer(transformers.Trainer):
         self.masks = freeze_masks(model) if freeze and not self.is_peft else {}
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
+        if self.is_fsdp_enabled:
+            shard_tied_embeddings(model, self.accelerator.state.fsdp_plugin)
         self.teacher = None
         if needs_teacher:
             teacher = teacher.eval().requires_grad_(False)
@@ -245,7 +272,10 @@ class SparseTrainer(transformers.Trainer):
         if "labels" not in inputs:
             raise ValueError(f"SparseTrainer batches need 'labels' (-100 = no target); got {sorted(inputs)}")
         wants_hidden = "squarehead" in self.loss_weights
-        outputs = model(**inputs, output_hidden_states=wants_hidden)
+        # no KV cache in training; under FSDP's activation checkpointing a cache filled by the forward would
+        # make the recomputation save other tensors (T5's decoder)
+        no_cache = {"use_cache": False} if self.is_fsdp_enabled else {}
+        outputs = model(**inputs, output_hidden_states=wants_hidden, **no_cache)
         labels = self._aligned_labels(inputs["labels"])
         parts: dict[str, torch.Tensor] = {}
         if "ce" in self.loss_weights:
