@@ -229,3 +229,23 @@ def test_bad_fsdp_options_are_refused_by_name(monkeypatch):
         with_overrides(recovery_config("math", "smoke"), fsdp="no")
     with pytest.raises(ValueError, match="stream"):
         RecoveryExperiment("math", "smoke", stream="yes")
+
+
+def test_recovery_experiment_shards_t5_runs_and_rank0_evaluates_and_saves(tmp_path):
+    """T5 (embeddings shared by three modules, a decoder with a KV cache) through the experiment's sharded
+    path: every rank fine-tunes, rank 0 evaluates, saves and returns the results."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from sparsekit.masks import sparsity_report
+
+    _run_together([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(_free_port()),
+                   str(Path(__file__).parent / "fsdp_experiment_script.py"), str(tmp_path)])
+    main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert other["results"] is None
+    [row] = main["results"]
+    assert row["split"] == "test" and row["pattern"] == "80%" and 0 <= row["value"] <= 1
+    [folder] = list((tmp_path / "runs").iterdir())
+    verify_manifest(folder)
+    saved = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    assert sparsity_report(saved)["sparsity"].iloc[-1] > 0.79
