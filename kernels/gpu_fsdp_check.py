@@ -71,6 +71,7 @@ def rank_checks(report: dict) -> dict[str, bool]:
             "masks are bool": report["mask_dtypes"] == ["torch.bool"],
             "no pruned weight regrew after any step": report["violations"] == 0,
             "mask shards unchanged": report["masks_changed"] == 0,
+            "masks sharded before the first forward": report["masks_sharded_at_start"] is True,
             "both blocks checkpointed": report["checkpointed_blocks"] == 2,
             "teacher sharded, frozen, unchanged": teacher_ok,
             "zeros kept after save and load": report["zeros_after_load"]}

@@ -22,6 +22,7 @@ torch.set_num_threads(1)
 from distill_helpers import VOCAB, stack_rows, tiny_mpt  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import MptForCausalLM, TrainerCallback  # noqa: E402
 
 from sparsekit.distill.finetune import finetune, save_checkpoint  # noqa: E402
@@ -61,6 +62,12 @@ class MaskWatch(TrainerCallback):
         self.mask_dtypes = set()
         self.sharded = set()
         self.checkpointed_blocks = 0
+        self.sharded_at_start = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # before the first forward: each rank holds only its shard of each mask
+            self.sharded_at_start = all(isinstance(m.weight_mask, DTensor) for m in model.modules()
+                                        if "weight_mask" in getattr(m, "_buffers", {}))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         for name, module in model.named_modules():
@@ -102,7 +109,8 @@ def main(out: Path, single: bool, bf16: bool = False) -> None:
     report = {
         "rank": rank, "world": world, "losses": [entry["loss"] for entry in result.record],
         "steps_checked": watch.steps_checked, "violations": watch.violations,
-        "masks_changed": watch.masks_changed, "checkpointed_blocks": watch.checkpointed_blocks,
+        "masks_changed": watch.masks_changed, "masks_sharded_at_start": watch.sharded_at_start,
+        "checkpointed_blocks": watch.checkpointed_blocks,
         "mask_dtypes": sorted(watch.mask_dtypes), "weight_types": sorted(watch.sharded),
         "teacher_type": type(teacher).__name__,
         "teacher_requires_grad": any(p.requires_grad for p in teacher_params),

@@ -76,6 +76,7 @@ def test_every_rank_trains_sharded_with_bool_masks_kept_after_every_step(runs):
         assert report["steps_checked"] == 12
         assert report["violations"] == 0  # no pruned weight regrew on this rank's shard, after any step
         assert report["masks_changed"] == 0  # each mask shard is this rank's rows of the one-shot mask
+        assert report["masks_sharded_at_start"] is True
         assert report["zeros_after_load"]  # every rank reloads rank 0's checkpoint with the zeros in place
     assert reports["fsdp-rank0"]["zeros_in_memory"] and reports["fsdp-rank0"]["changed_from_pruned"]
     assert "zeros_in_memory" not in reports["fsdp-rank1"]  # the gathered model lives on rank 0 only
@@ -91,6 +92,7 @@ def test_teacher_is_sharded_frozen_and_unchanged(runs):
         assert report["teacher_unchanged"]
     single = reports["single-rank0"]
     assert single["teacher_unchanged"] and not single["teacher_requires_grad"]
+    assert single["masks_sharded_at_start"] is False  # one process: plain masks
 
 
 def test_loss_falls_and_matches_the_single_process_run(runs):

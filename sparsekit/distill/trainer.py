@@ -36,7 +36,7 @@ import torch
 import transformers
 
 from sparsekit.distill.losses import block_outputs, ce_loss, kd_loss, shift_labels, squarehead_loss
-from sparsekit.masks import apply_masks, freeze_masks, mask_gradients
+from sparsekit.masks import apply_masks, freeze_masks, layout_mask, mask_gradients
 
 __all__ = ["SparseTrainer", "LOSS_MIXES", "parse_loss_mix", "loss_spikes", "stability_summary",
            "shard_teacher", "shard_tied_embeddings"]
@@ -167,6 +167,15 @@ def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return fully_shard(teacher)
 
 
+class _MaskSharder(transformers.TrainerCallback):
+    """Once FSDP has sharded the student (training begins), each rank keeps only its shard of every mask."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules():
+            if "weight_mask" in getattr(module, "_buffers", {}):
+                layout_mask(module)
+
+
 class _StepRecorder(transformers.TrainerCallback):
     """Moves the components accumulated over one optimizer step's micro-batches into the record."""
 
@@ -221,6 +230,8 @@ class SparseTrainer(transformers.Trainer):
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self.add_callback(_StepRecorder(self))
+        if self.masks and self.is_fsdp_enabled:
+            self.add_callback(_MaskSharder())
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
