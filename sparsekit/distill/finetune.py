@@ -106,9 +106,10 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
     sharding = {}
     if fsdp is not False:
         sharding = {"fsdp": True, "fsdp_config": fsdp_config(student, **(fsdp if fsdp is not True else {}))}
-    launched_with_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if (sharding or launched_with_fsdp) and not torch.cuda.is_available():
-        sharding.update(use_cpu=True, ddp_backend="gloo")  # FSDP2 on CPU over gloo (tests; nothing to gain)
+    sharded = fsdp is not False or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    on_cpu = not torch.cuda.is_available()
+    if sharded and on_cpu:  # FSDP2 on CPU runs over gloo (the tests; nothing to gain in speed)
+        sharding["ddp_backend"] = "gloo"
     if lora_rank is not None:
         from sparsekit.distill.lora import add_lora
 
@@ -121,8 +122,7 @@ def finetune(student, teacher, rows: Sequence, collate: Callable[[list], dict], 
             adam_epsilon=1e-8, max_grad_norm=max_grad_norm, logging_steps=log_steps, save_strategy="no",
             report_to=[], disable_tqdm=not progress, seed=seed, data_seed=seed, remove_unused_columns=False,
             dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-            **{"use_cpu": bf16 and not torch.cuda.is_available(),  # Trainer's bf16 on CPU needs use_cpu
-               **sharding}, bf16=bf16)
+            bf16=bf16, use_cpu=on_cpu and (bf16 or sharded), **sharding)  # bf16 or FSDP on CPU need use_cpu
         trainer = SparseTrainer(model, args, teacher=teacher, loss=weights, temperature=temperature,
                                 train_dataset=list(rows), data_collator=collate, lengths=lengths,
                                 callbacks=list(callbacks))
@@ -165,7 +165,7 @@ def fsdp_config(model, **overrides) -> dict:
     after forward, full state dict on save; ``overrides`` replace entries
     (e.g. ``activation_checkpointing=False``)."""
     blocks = list(getattr(model, "_no_split_modules", None) or ())
-    if not blocks:
+    if not blocks and "transformer_layer_cls_to_wrap" not in overrides:
         raise ValueError(f"{type(model).__name__} lists no _no_split_modules; pass "
                          "fsdp={'transformer_layer_cls_to_wrap': [...]} naming its block classes")
     config = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
