@@ -245,6 +245,7 @@ def test_recovery_experiment_shards_t5_runs_and_rank0_evaluates_and_saves(tmp_pa
                    str(Path(__file__).parent / "fsdp_experiment_script.py"), str(tmp_path)])
     main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert other["results"] is None
+    assert main["broadcast"] and other["broadcast"]  # rank 1 holds rank 0's weights after the broadcast
     [row] = main["results"]
     assert row["split"] == "test" and row["pattern"] == "80%" and 0 <= row["value"] <= 1
     [folder] = list((tmp_path / "runs").iterdir())

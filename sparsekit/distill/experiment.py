@@ -233,6 +233,21 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _join_process_group() -> None:
+    """Start the default process group of a distributed launch now (pruning, before the first fine-tuning
+    run starts it, needs it to broadcast); accelerate then uses the group as it is."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo")
+    else:
+        dist.init_process_group(backend="gloo")
+
+
 def _from_main_process(value):
     """``value`` as rank 0 has it (every rank of a distributed run calls this), else ``value``."""
     import torch.distributed as dist
@@ -403,6 +418,8 @@ class RecoveryExperiment:
         """Every step of the module docstring; the results (``None`` on the other ranks of a sharded run)."""
         config, task = self.config, self.task
         seconds: dict[str, float] = {}
+        if config.fsdp:
+            _join_process_group()
         start = time.perf_counter()
         reference = self._reference()
         seconds["reference"] = time.perf_counter() - start
