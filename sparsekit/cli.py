@@ -475,6 +475,10 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train LoRA adapters of this rank, merged through the mask at the end")
     parser.add_argument("--bf16", action="store_true",
                         help="mixed precision: forward and backward under bf16 autocast, fp32 weights")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard student and teacher with FSDP2 (full shard, activation checkpointing); "
+                             "run under accelerate launch or torchrun, one process per device; rank 0 writes "
+                             "--out. Or launch with --config_file configs/accelerate_fsdp.yaml instead")
     parser.add_argument("--train-size", type=int, default=None, help="use the first N training rows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window of a 'text' data file")
     parser.add_argument("--scale", default="book", choices=("smoke", "book", "paper"), help="task scale")
@@ -545,13 +549,15 @@ def run_finetune(args) -> int:
     result = finetune(student, teacher, rows, collate, args.loss, steps=args.steps, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                       weight_decay=args.weight_decay, temperature=args.temperature, lora_rank=args.lora,
-                      seed=args.seed, progress=not args.quiet, bf16=args.bf16)
+                      seed=args.seed, progress=not args.quiet, bf16=args.bf16, fsdp=args.fsdp)
     model = result.model
+    if model is None:  # a sharded run: the full model was gathered to rank 0, which writes it
+        return 0
     metrics = {"student": str(args.student), "teacher": args.teacher, "task": args.task,
                "data": str(args.data) if args.data else None, "train_rows": len(rows),
                "loss": result.loss_weights, "temperature": args.temperature, "steps": result.steps,
                "lr": args.lr, "batch_size": args.batch_size, "warmup": args.warmup, "lora": args.lora,
-               "bf16": args.bf16, "seed": args.seed, "sparsity_before": before,
+               "bf16": args.bf16, "fsdp": result.sharded, "seed": args.seed, "sparsity_before": before,
                "sparsity_after": float(sparsity_report(model).iloc[-1]["sparsity"]),
                "train_seconds": result.wall_s, "stability": result.stability, "record": result.record}
     if task is not None:

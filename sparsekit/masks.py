@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sparsekit import _validate
 from sparsekit.blocks import prunable_linears, weight_out_in
@@ -27,6 +28,8 @@ __all__ = [
     "freeze_masks",
     "unfreeze_masks",
     "apply_masks",
+    "mask_gradients",
+    "layout_mask",
 ]
 
 
@@ -88,7 +91,29 @@ def sparsity_report(model: nn.Module, targets: Iterable[str] | None = None):
     return pd.DataFrame(rows)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a ``DTensor`` (FSDP2's sharded parameters and gradients), else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def layout_mask(module: nn.Module) -> torch.Tensor:
+    """``module.weight_mask`` laid out like ``module.weight``: once FSDP has sharded the weight (a
+    ``DTensor``), the bool mask is sharded the same way (same device mesh and placements; each rank keeps
+    only its own rows) and stored back, so a rank never holds more of a mask than of its weight."""
+    mask, weight = module.weight_mask, module.weight
+    if isinstance(weight, DTensor) and not isinstance(mask, DTensor):
+        # every rank holds the same full mask: each takes its own shard, no communication
+        mask = distribute_tensor(mask.to(_local(weight).device), weight.device_mesh, weight.placements,
+                                 src_data_rank=None)
+        module._buffers["weight_mask"] = mask
+    return mask
+
+
 def _mask_weight(module: nn.Module, _inputs) -> None:
+    # Under FSDP the forward sees the all-gathered weight while the mask is sharded: the shards were masked
+    # after the last optimizer step, so the gathered weight is already exact; nothing to do then.
+    if isinstance(module.weight_mask, DTensor) and not isinstance(module.weight, DTensor):
+        return
     with torch.no_grad():
         module.weight.mul_(module.weight_mask)
 
@@ -97,19 +122,27 @@ def _mask_grad(mask: torch.Tensor):
     return lambda grad: grad * mask
 
 
+def _masked_modules(model: nn.Module):
+    return (module for module in model.modules() if "weight_mask" in getattr(module, "_buffers", {}))
+
+
 def freeze_masks(model: nn.Module, targets: Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
     """Fix the current zero pattern of every prunable Linear so that nothing can regrow it.
 
-    For each layer (``nn.Linear`` or transformers' ``Conv1D``), ``mask = weight != 0``, in the layer's own
-    weight layout (``[in, out]`` for a Conv1D), is stored as the non-persistent buffer ``weight_mask``
-    (so checkpoints keep the familiar keys; zeros are saved as zeros and the mask is recovered from
-    them on load). Three guards keep ``W = W ⊙ M``:
+    For each layer (``nn.Linear`` or transformers' ``Conv1D``), ``mask = weight != 0`` (bool, one byte per
+    weight), in the layer's own weight layout (``[in, out]`` for a Conv1D), is stored as the non-persistent
+    buffer ``weight_mask`` (so checkpoints keep the familiar keys; zeros are saved as zeros and the mask is
+    recovered from them on load). Three guards keep ``W = W ⊙ M``:
 
     * gradients are multiplied by the mask (Adam moments of pruned weights stay zero);
     * if ``optimizer`` is given, ``W ← W ⊙ M`` after every ``optimizer.step()`` (weight decay,
       momentum from elsewhere);
     * a forward pre-hook re-applies the mask, so outputs never see a regrown weight.
+
+    Under FSDP2 (``fully_shard``) the parameters are replaced by sharded ``DTensor``s, which the gradient
+    hook does not see: there :func:`mask_gradients` (after backward) and :func:`apply_masks` (after the
+    optimizer step) work on each rank's shard, with the mask sharded like its weight (:func:`layout_mask`).
 
     Returns ``{layer name: mask}``. Calling it twice replaces the earlier hooks.
     """
@@ -117,7 +150,7 @@ def freeze_masks(model: nn.Module, targets: Iterable[str] | None = None,
     masks = {}
     for name, linear in prunable_linears(model, targets):
         mask = linear.weight.detach() != 0
-        linear.register_buffer("weight_mask", mask.to(linear.weight.dtype), persistent=False)
+        linear.register_buffer("weight_mask", mask, persistent=False)
         linear._sparsekit_hooks = [
             linear.register_forward_pre_hook(_mask_weight),
             linear.weight.register_hook(_mask_grad(linear.weight_mask)),
@@ -130,11 +163,20 @@ def freeze_masks(model: nn.Module, targets: Iterable[str] | None = None,
 
 
 def apply_masks(model: nn.Module) -> None:
-    """``W ← W ⊙ M`` for every layer that carries a frozen mask."""
+    """``W ← W ⊙ M`` for every layer that carries a frozen mask (each rank's own shard under FSDP)."""
     with torch.no_grad():
-        for module in model.modules():
-            if "weight_mask" in getattr(module, "_buffers", {}):
-                module.weight.mul_(module.weight_mask)
+        for module in _masked_modules(model):
+            _local(module.weight).mul_(_local(layout_mask(module)))
+
+
+def mask_gradients(model: nn.Module) -> None:
+    """``∇W ← ∇W ⊙ M`` for every masked layer whose weight has a gradient (each rank's own shard under
+    FSDP, where the gradient hook of :func:`freeze_masks` cannot reach the sharded gradient)."""
+    with torch.no_grad():
+        for module in _masked_modules(model):
+            grad = module.weight.grad
+            if grad is not None:
+                _local(grad).mul_(_local(layout_mask(module)))
 
 
 def unfreeze_masks(model: nn.Module) -> None:

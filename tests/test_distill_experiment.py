@@ -119,3 +119,36 @@ def test_group_by_length_needs_a_task_with_row_lengths():
     for name in ("group_by_length", "bf16"):
         with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
             with_overrides(recovery_config("math", "smoke"), **{name: "no"})
+
+
+def test_streaming_runs_the_same_runs_one_pattern_at_a_time(tmp_path, monkeypatch):
+    """``stream=True`` (the paper-scale default): the same rows as the book's order, at most one pruned
+    model alive at a time, every fine-tuned model freed after its evaluation and saved with its zeros."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from sparsekit.distill import experiment as experiment_module
+    from sparsekit.masks import sparsity_report
+
+    config = with_overrides(recovery_config("translation", "smoke"), patterns=("50%", "80%"),
+                            headline=("80%",), losses=("CE", "CE+SquareHead"), seeds=(0, 1), train_size=8,
+                            steps=2)
+    book = RecoveryExperiment("translation", "smoke", config, progress=False, stream=False).run()
+    streamed_experiment = RecoveryExperiment("translation", "smoke", config, progress=False, stream=True,
+                                             save_dir=tmp_path)
+    alive = []
+    pruned = streamed_experiment.pruned
+    monkeypatch.setattr(streamed_experiment, "pruned",
+                        lambda pattern: (alive.append(len(streamed_experiment._pruned)), pruned(pattern))[1])
+    streamed = streamed_experiment.run()
+    columns = ["pattern", "loss", "seed", "train_size", "split", "value"]
+    order = ["pattern", "loss", "seed", "split"]
+    assert book.runs[columns].sort_values(order).reset_index(drop=True).equals(
+        streamed.runs[columns].sort_values(order).reset_index(drop=True))
+    assert book.one_shot["value"].tolist() == streamed.one_shot["value"].tolist()
+    assert max(alive) <= 1 and not streamed_experiment._pruned
+    assert all(result.model is None for result in streamed_experiment._models.values())
+    assert RecoveryExperiment("translation", "paper", config, progress=False).stream
+    folders = sorted(path.name for path in tmp_path.iterdir())
+    assert len(folders) == 6 and experiment_module._run_folder("80%", "CE+SquareHead", 1, 8) in folders
+    saved = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / experiment_module._run_folder("80%", "CE", 0, 8))
+    assert sparsity_report(saved)["sparsity"].iloc[-1] > 0.79

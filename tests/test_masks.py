@@ -8,8 +8,10 @@ from transformers import MptConfig, MptForCausalLM, T5Config, T5ForConditionalGe
 
 from sparsekit.blocks import prunable_linears, transformer_blocks
 from sparsekit.masks import (
+    apply_masks,
     freeze_masks,
     is_nm_mask,
+    mask_gradients,
     nm_sparsity,
     sparsity_report,
     unfreeze_masks,
@@ -165,6 +167,26 @@ def test_frozen_masks_survive_adamw_and_save_load(tmp_path):
         assert torch.equal(a.weight, b.weight), name
     unfreeze_masks(model)
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+def test_masks_are_stored_as_bool_and_keep_a_bf16_model_bf16():
+    """One byte per weight whatever the weights' precision (not a second copy of the weights)."""
+    model = tiny_mpt().to(torch.bfloat16)
+    with torch.no_grad():
+        for _, lin in prunable_linears(model):
+            lin.weight.copy_(magnitude_prune(lin.weight, 0.5)[0])
+    masks = freeze_masks(model)
+    for name, lin in prunable_linears(model):
+        assert lin.weight_mask.dtype == torch.bool and torch.equal(lin.weight_mask, masks[name])
+        with torch.no_grad():
+            lin.weight.add_(1.0)  # regrow everything, as an optimizer step with momentum could
+        lin.weight.grad = torch.ones_like(lin.weight)
+    apply_masks(model)
+    mask_gradients(model)
+    for name, lin in prunable_linears(model):
+        assert lin.weight.dtype == torch.bfloat16
+        assert torch.equal(lin.weight != 0, masks[name]), name
+        assert torch.equal(lin.weight.grad != 0, masks[name]), name
 
 
 def test_without_freezing_adamw_regrows_weights():

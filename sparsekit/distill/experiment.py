@@ -19,6 +19,16 @@ changes only the order of the training batches (no dropout; the teacher and the 
 fixed), so the seed spread is the spread due to data order.
 
 The configuration of every task and scale is in :data:`CONFIGS` (one place per task).
+
+At paper scale (or with ``stream=True``) the experiment *streams*: pattern by pattern it prunes, evaluates the
+one-shot model, fine-tunes, evaluates and (with ``save_dir``) saves each run, and frees every model once its
+last evaluation is done, so at most one pruned and one fine-tuned model are in memory; the runs and their
+seeds are the same as in the book's order, only their order changes. At every scale a fine-tuned model is
+freed after its test evaluation. With ``RecoveryConfig.fsdp`` each fine-tuning run is sharded with FSDP
+(:func:`~sparsekit.distill.finetune.finetune`): launch one process per GPU (``accelerate launch`` with
+``configs/accelerate_fsdp.yaml``); every rank prunes, rank 0's pruned weights are broadcast so that every
+rank shards the same model, and evaluation, saving and the results are rank 0's (``run`` returns ``None`` on
+the other ranks).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -34,7 +45,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from sparsekit import _validate
-from sparsekit.distill.finetune import finetune
+from sparsekit.distill.finetune import finetune, save_checkpoint
 from sparsekit.distill.trainer import LOSS_MIXES
 
 __all__ = ["RecoveryConfig", "CONFIGS", "FINE_TUNING_SELECTION", "AUTHORS_RECIPE", "authors_recipe",
@@ -125,6 +136,8 @@ class RecoveryConfig:
     at ``lr`` (:meth:`schedule`). ``teacher_steps``: fine-tune the task's teacher densely (CE, whole train
     split, ``batch_size``, ``teacher_lr``, ``warmup``, seed 0) for that many steps before pruning
     (:func:`dense_teacher`; the paper's T5: ``t5-small`` fine-tuned on WMT14 first); ``None``: as loaded.
+    ``fsdp``: shard every fine-tuning run with FSDP2 (full shard, activation checkpointing; see the module
+    docstring for how to launch it).
     """
 
     patterns: tuple[str, ...]
@@ -149,6 +162,7 @@ class RecoveryConfig:
     recipe: tuple[tuple[str, float, float], ...] = ()
     teacher_steps: int | None = None
     teacher_lr: float = 1e-4
+    fsdp: bool = False
 
     def __post_init__(self):
         _check_recipe_fields(self.max_grad_norm, self.recipe)
@@ -159,7 +173,7 @@ class RecoveryConfig:
             raise ValueError(f"teacher_lr must be a positive finite number, got {self.teacher_lr!r}")
         for label in self.patterns + self.headline + (self.sweep_pattern,):
             parse_pattern(label)
-        for name in ("group_by_length", "bf16"):
+        for name in ("group_by_length", "bf16", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_numbers()
@@ -352,12 +366,65 @@ class RecoveryResults:
     seconds: dict
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _join_process_group() -> None:
+    """Start the default process group of a distributed launch now (pruning, before the first fine-tuning
+    run starts it, needs it to broadcast); accelerate then uses the group as it is."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo")
+    else:
+        dist.init_process_group(backend="gloo")
+
+
+def _from_main_process(value):
+    """``value`` as rank 0 has it (every rank of a distributed run calls this), else ``value``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _broadcast_weights(model) -> None:
+    """Every rank gets rank 0's parameters and buffers (a no-op outside a distributed run)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            moved = tensor.data.to(device) if device is not None else tensor.data
+            dist.broadcast(moved, src=0)
+            if moved is not tensor.data:
+                tensor.data.copy_(moved)
+
+
+def _run_folder(pattern: str, loss: str, seed: int, size: int) -> str:
+    label = pattern.replace("%", "pct").replace(":", "of")
+    return f"{label}-{loss.replace('+', '_')}-seed{seed}-size{size}"
+
+
 class RecoveryExperiment:
     """The recovery experiment of ``task_name`` at ``scale`` (see the module docstring); ``teacher``
-    replaces the task's cached teacher (same architecture)."""
+    replaces the task's cached teacher (same architecture). ``stream``: one pattern at a time (default: at
+    paper scale); ``save_dir``: each fine-tuned model is saved there (a folder per run, safetensors)."""
 
     def __init__(self, task_name: str, scale: str = "book", config: RecoveryConfig | None = None,
-                 progress: bool = True, teacher=None, model=None, dataset=None):
+                 progress: bool = True, teacher=None, model=None, dataset=None, stream: bool | None = None,
+                 save_dir=None):
         from sparsekit import tasks
 
         self.task = tasks.get(task_name, model=model, dataset=dataset)  # model/dataset: the paper path's
@@ -366,6 +433,10 @@ class RecoveryExperiment:
         if self.config.group_by_length and type(self.task).row_length is tasks.Task.row_length:
             raise ValueError(f"group_by_length=True needs a task with row_length; {task_name} has none")
         self.progress = progress
+        if stream is not None and not isinstance(stream, bool):
+            raise ValueError(f"stream must be True, False or None (= at paper scale), got {stream!r}")
+        self.stream = scale == "paper" if stream is None else stream
+        self.save_dir = save_dir
         self.teacher = teacher  # default: the task's cached teacher at `scale`
         self.collate = functools.partial(self.task.collate, scale=scale)
         self._pruned: dict[str, object] = {}
@@ -393,6 +464,8 @@ class RecoveryExperiment:
             calib = self.task.calibration_batches(config.n_calib, config.calib_batch_size, self.scale)
             start = time.perf_counter()
             prune_model(model, calib, method="sparsegpt", sparsity=sparsity, nm=nm, progress=False)
+            if config.fsdp:  # every rank shards the same model: rank 0's
+                _broadcast_weights(model)
             model.prune_seconds = time.perf_counter() - start
             self._pruned[pattern] = model
         return self._pruned[pattern]
@@ -408,10 +481,14 @@ class RecoveryExperiment:
             result = finetune(student, self.teacher, rows, self.collate, loss, **config.schedule(pattern),
                               batch_size=config.batch_size, warmup=config.warmup,
                               temperature=config.temperature, seed=seed, lengths=lengths, bf16=config.bf16,
-                              max_grad_norm=config.max_grad_norm or 0.0)
+                              max_grad_norm=config.max_grad_norm or 0.0, fsdp=config.fsdp)
             self._models[key] = result
             self._curves[key] = result.record
+            if self.save_dir is not None and result.model is not None:
+                save_checkpoint(result.model, os.path.join(self.save_dir, _run_folder(*key)), overwrite=True)
         result = self._models[key]
+        if result.model is None:  # a sharded run's other ranks: rank 0 evaluates
+            return
         sparsity, _ = parse_pattern(pattern)
         for split in splits:
             if any(r["key"] == key and r["split"] == split for r in self._rows):
@@ -425,57 +502,108 @@ class RecoveryExperiment:
                                "final_loss": result.record[-1]["loss"], "train_s": result.wall_s,
                                "eval_s": time.perf_counter() - start})
 
-    # ---- the whole experiment -------------------------------------------------------------------
-    def run(self) -> RecoveryResults:
-        config, task, scale = self.config, self.task, self.scale
-        seconds: dict[str, float] = {}
-        start = time.perf_counter()
+    def _reference(self) -> dict:
+        task, scale = self.task, self.scale
         if self.teacher is None:
-            self.teacher = dense_teacher(task, scale, config, progress=self.progress)
+            self.teacher = dense_teacher(task, scale, self.config, progress=self.progress)
+        if not _is_main_process():
+            return {}
         dense = self.evaluate(self.teacher, "test")
         baseline = task.baseline(split="test", scale=scale)
-        reference = {"dense": dense["value"], "baseline": baseline[task.metric],
-                     "baseline_name": baseline.get("baseline", baseline.get("prediction", "trivial")),
-                     "dense_validation": self.evaluate(self.teacher, "validation")["value"],
-                     "parameters": sum(p.numel() for p in self.teacher.parameters())}
-        seconds["reference"] = time.perf_counter() - start
+        return {"dense": dense["value"], "baseline": baseline[task.metric],
+                "baseline_name": baseline.get("baseline", baseline.get("prediction", "trivial")),
+                "dense_validation": self.evaluate(self.teacher, "validation")["value"],
+                "parameters": sum(p.numel() for p in self.teacher.parameters())}
 
-        start = time.perf_counter()
-        one_shot = []
-        for pattern in tqdm(config.patterns, desc=f"{task.name}: one-shot", disable=not self.progress):
-            model = self.pruned(pattern)
-            one_shot.append({"pattern": pattern, "sparsity": parse_pattern(pattern)[0],
-                             "prune_s": model.prune_seconds, **self.evaluate(model, "test")})
-        seconds["one_shot"] = time.perf_counter() - start
+    def _one_shot(self, pattern: str) -> dict:
+        model = self.pruned(pattern)
+        row = {"pattern": pattern, "sparsity": parse_pattern(pattern)[0], "prune_s": model.prune_seconds}
+        return {**row, **self.evaluate(model, "test")} if _is_main_process() else row
 
-        start = time.perf_counter()
-        size = config.train_size
-        if size is None:
-            sweep = [(s, loss) for s in config.train_sizes for loss in config.sweep_losses]
-            for s, loss in tqdm(sweep, desc=f"{task.name}: data sweep", disable=not self.progress):
-                self.fine_tune(config.sweep_pattern, loss, config.seeds[0], s, ("validation",))
+    def _data_sweep(self) -> int:
+        """The training-subset size: the configured one, or the best on validation over the sweep."""
+        config, task = self.config, self.task
+        if config.train_size is not None:
+            return config.train_size
+        sweep = [(s, loss) for s in config.train_sizes for loss in config.sweep_losses]
+        for s, loss in tqdm(sweep, desc=f"{task.name}: data sweep", disable=not self.progress):
+            self.fine_tune(config.sweep_pattern, loss, config.seeds[0], s, ("validation",))
+        size = None
+        if _is_main_process():
             frame = pd.DataFrame(self._rows)
             means = frame[frame.split == "validation"].groupby("train_size")["value"].mean()
             best = means.idxmax() if task.higher_is_better else means.idxmin()
             size = next(s for s in config.train_sizes if self._size(s) == best)
-        seconds["data_sweep"] = time.perf_counter() - start
+        size = _from_main_process(size)
+        for key in [k for k in self._models if k[3] != size]:  # never evaluated again
+            self._models[key].model = None
+        return size
 
+    def _grid(self, patterns: tuple[str, ...]) -> list[tuple[str, str, int]]:
+        """The fine-tuning runs at ``patterns``: every loss at the first seed, then the other seeds at the
+        headline patterns."""
+        config = self.config
+        grid = [(p, loss, config.seeds[0]) for p in patterns for loss in config.losses]
+        return grid + [(p, loss, seed) for seed in config.seeds[1:] for p in config.headline if p in patterns
+                       for loss in config.losses]
+
+    def _fine_tune_and_free(self, pattern: str, loss: str, seed: int, size: int) -> None:
+        self.fine_tune(pattern, loss, seed, size, ("test",))
+        self._models[(pattern, loss, seed, size)].model = None  # evaluated on test: never needed again
+
+    # ---- the whole experiment -------------------------------------------------------------------
+    def run(self) -> RecoveryResults | None:
+        """Every step of the module docstring; the results (``None`` on the other ranks of a sharded run)."""
+        config, task = self.config, self.task
+        seconds: dict[str, float] = {}
+        if config.fsdp:
+            _join_process_group()
         start = time.perf_counter()
-        grid = [(p, loss, config.seeds[0]) for p in config.patterns for loss in config.losses]
-        grid += [(p, loss, seed) for seed in config.seeds[1:] for p in config.headline
-                 for loss in config.losses]
-        for pattern, loss, seed in tqdm(grid, desc=f"{task.name}: fine-tuning", disable=not self.progress):
-            self.fine_tune(pattern, loss, seed, size, ("test",))
-            # keep memory flat: only the runs that may still be evaluated keep their model
-            for key in [k for k in self._models if k[3] != size]:
-                self._models[key].model = None
-        seconds["grid"] = time.perf_counter() - start
-
+        reference = self._reference()
+        seconds["reference"] = time.perf_counter() - start
+        if self.stream:
+            one_shot, size = self._run_streaming(seconds)
+        else:
+            start = time.perf_counter()
+            one_shot = [self._one_shot(pattern) for pattern in
+                        tqdm(config.patterns, desc=f"{task.name}: one-shot", disable=not self.progress)]
+            seconds["one_shot"] = time.perf_counter() - start
+            start = time.perf_counter()
+            size = self._data_sweep()
+            seconds["data_sweep"] = time.perf_counter() - start
+            start = time.perf_counter()
+            for pattern, loss, seed in tqdm(self._grid(config.patterns), desc=f"{task.name}: fine-tuning",
+                                            disable=not self.progress):
+                self._fine_tune_and_free(pattern, loss, seed, size)
+            seconds["grid"] = time.perf_counter() - start
+        if not _is_main_process():
+            return None
         runs = pd.DataFrame(self._rows).drop(columns="key")
         return RecoveryResults(task=task.name, metric=task.metric, higher_is_better=task.higher_is_better,
                                config=config, runs=runs, one_shot=pd.DataFrame(one_shot), reference=reference,
                                curves=dict(self._curves), train_size=self._size(size), size_key=size,
                                seconds=seconds)
+
+    def _run_streaming(self, seconds: dict) -> tuple[list[dict], int]:
+        """Pattern by pattern: prune, evaluate one shot, fine-tune and evaluate every run, free."""
+        config, task = self.config, self.task
+        start = time.perf_counter()
+        size = self._data_sweep()
+        if config.sweep_pattern not in config.patterns:
+            self._pruned.pop(config.sweep_pattern, None)
+        seconds["data_sweep"] = time.perf_counter() - start
+        seconds["one_shot"] = seconds["grid"] = 0.0
+        one_shot = []
+        for pattern in tqdm(config.patterns, desc=f"{task.name}: patterns", disable=not self.progress):
+            start = time.perf_counter()
+            one_shot.append(self._one_shot(pattern))
+            seconds["one_shot"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for _, loss, seed in self._grid((pattern,)):
+                self._fine_tune_and_free(pattern, loss, seed, size)
+            seconds["grid"] += time.perf_counter() - start
+            del self._pruned[pattern]
+        return one_shot, size
 
 
 def measure_candidates(task_name: str, scale: str, candidates: dict[str, dict],

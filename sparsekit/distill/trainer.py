@@ -6,10 +6,17 @@ training through accelerate work as usual) whose loss is
     loss = w_ce · CE + w_kd · KD_T + w_sh · SquareHead
 
 (:mod:`sparsekit.distill.losses`). The teacher runs in eval mode under ``torch.no_grad`` on the
-student's device; it is never handed to accelerate, so DDP/FSDP never wraps it. The student's zero
-pattern is frozen with :func:`sparsekit.masks.freeze_masks`: gradients are masked, ``W ← W ⊙ M`` after
-every optimizer step, and the forward pass re-applies the mask, so pruned weights stay exactly zero
-through AdamW with weight decay, checkpoint saves and resumes (zeros are saved as zeros). A model
+student's device; it is never handed to accelerate, so DDP never wraps it and it has no optimizer. The
+student's zero pattern is frozen with :func:`sparsekit.masks.freeze_masks`: gradients are masked,
+``W ← W ⊙ M`` after every optimizer step, and the forward pass re-applies the mask, so pruned weights stay
+exactly zero through AdamW with weight decay, checkpoint saves and resumes (zeros are saved as zeros).
+
+Under FSDP (accelerate's FSDP2 plugin, from ``TrainingArguments(fsdp=..., fsdp_config=...)`` or an
+``accelerate launch --config_file`` such as ``configs/accelerate_fsdp.yaml``) the student is fully sharded by
+accelerate; each bool mask is sharded like its weight, the local gradient shard is masked after every
+backward (before clipping) and the local weight shard after every optimizer step, on every rank. The teacher
+is sharded block by block with ``fully_shard`` (the same mesh, no optimizer, eval mode, ``requires_grad``
+False), so no rank holds more than its shard of it between forwards. A
 wrapped with LoRA (peft) keeps its base weights frozen instead; merge it with
 :func:`sparsekit.distill.lora.merge_lora`.
 
@@ -27,6 +34,7 @@ vocabulary) or a teacher that does not match the student is refused with a ``Val
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -36,10 +44,11 @@ import transformers
 from sparsekit import _validate
 from sparsekit.distill.guards import check_batch, check_teacher, raise_if_nonfinite
 from sparsekit.distill.losses import block_outputs, ce_loss, kd_loss, shift_labels, squarehead_loss
-from sparsekit.masks import apply_masks, freeze_masks
+from sparsekit.masks import apply_masks, freeze_masks, layout_mask, mask_gradients
 from sparsekit.model_inputs import check_token_batch
 
-__all__ = ["SparseTrainer", "LOSS_MIXES", "parse_loss_mix", "loss_spikes", "stability_summary"]
+__all__ = ["SparseTrainer", "LOSS_MIXES", "parse_loss_mix", "loss_spikes", "stability_summary",
+           "shard_teacher", "shard_tied_embeddings"]
 
 COMPONENTS = ("ce", "kd", "squarehead")
 
@@ -126,6 +135,82 @@ def _check_training_numbers(args) -> None:
             _validate.real(value, f"args.{name}", low=0.0, allowed="a finite number >= 0")
 
 
+def _fsdp_requested(args) -> bool:
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return args.fsdp_plugin_args is not None or from_launcher
+
+
+def _keep_fsdp_on_cpu(accelerator, args) -> bool:
+    """Give accelerate's state the FSDP plugin on a multi-process CPU run; True if it did.
+
+    accelerate 1.15 keeps its FSDP plugin only for accelerator devices (CUDA, XPU, ...) and silently trains
+    a multi-process CPU run with DDP instead, although FSDP2's ``fully_shard`` runs on CPU over gloo. Setting
+    the plugin on the state makes the CPU run take accelerate's own FSDP2 path, the one it takes on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    has_plugin = getattr(state, "fsdp_plugin", None) is not None
+    if not _fsdp_requested(args) or has_plugin or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))  # no args: from the environment
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    return True
+
+
+def shard_tied_embeddings(model: torch.nn.Module, plugin) -> list[str]:
+    """``fully_shard`` in one FSDP unit every module that holds the input embedding's weight, when more
+    modules than the input and output embeddings hold it (T5: ``shared``, ``encoder.embed_tokens``,
+    ``decoder.embed_tokens``); returns their names. accelerate's FSDP2 preparation gives the input embedding
+    its own unit and leaves the other holders to the root, and FSDP2 refuses a parameter seen by two units;
+    accelerate keeps a unit that is already sharded. Call before ``accelerator.prepare``."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if weight is None:
+        return []
+    holders = [(name, module) for name, module in model.named_modules()
+               if any(param is weight for param in module.parameters(recurse=False))]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if {id(module) for _, module in holders} <= {id(embedding), id(output)}:
+        return []  # the input/output pair accelerate groups itself
+    if any(isinstance(module, FSDPModule) for _, module in holders):
+        return []
+    mixed = plugin.mixed_precision_policy
+    fully_shard([module for _, module in holders], reshard_after_forward=plugin.reshard_after_forward,
+                mp_policy=mixed if isinstance(mixed, MixedPrecisionPolicy) else MixedPrecisionPolicy())
+    return [name for name, _ in holders]
+
+
+def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """``fully_shard`` every transformer block of ``teacher`` (its ``_no_split_modules`` classes), then the
+    root, on the default device mesh of all ranks: a frozen teacher whose parameters are gathered one block at
+    a time for its forward and freed after it. Call on every rank; the teacher is never given an optimizer."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(teacher, FSDPModule):  # sharded by an earlier run (an experiment reuses its teacher)
+        return teacher
+    block_names = set(getattr(teacher, "_no_split_modules", None) or ())
+    if not block_names:
+        raise ValueError(f"cannot shard teacher {type(teacher).__name__}: it lists no _no_split_modules "
+                         "(its transformer block classes)")
+    for module in teacher.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module)
+    return fully_shard(teacher)
+
+
+class _MaskSharder(transformers.TrainerCallback):
+    """Once FSDP has sharded the student (training begins), each rank keeps only its shard of every mask."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules():
+            if "weight_mask" in getattr(module, "_buffers", {}):
+                layout_mask(module)
+
+
 class _StepRecorder(transformers.TrainerCallback):
     """Moves the components accumulated over one optimizer step's micro-batches into the record."""
 
@@ -170,14 +255,24 @@ class SparseTrainer(transformers.Trainer):
         self.masks = freeze_masks(model) if freeze and not self.is_peft else {}
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
+        if self.is_fsdp_enabled:
+            shard_tied_embeddings(model, self.accelerator.state.fsdp_plugin)
         self.teacher = None
         if needs_teacher:
-            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+            teacher = teacher.eval().requires_grad_(False)
+            self.teacher = shard_teacher(teacher) if self.is_fsdp_enabled else teacher.to(self.args.device)
         self.record: list[dict] = []
         self._step_sums: dict[str, float] = {}
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self.add_callback(_StepRecorder(self))
+        if self.masks and self.is_fsdp_enabled:
+            self.add_callback(_MaskSharder())
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if _keep_fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
 
     # ---- optimizer: masks re-applied after every step -------------------------------------------------
     def create_optimizer(self, model=None):
@@ -186,6 +281,12 @@ class SparseTrainer(transformers.Trainer):
             optimizer.register_step_post_hook(lambda *_: apply_masks(self.model))
             optimizer._sparsekit_masked = True
         return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.masks and self.is_fsdp_enabled:  # FSDP's sharded gradients bypass freeze_masks' hook
+            mask_gradients(model)
+        return loss
 
     # ---- loss ---------------------------------------------------------------------------------------
     def _is_encoder_decoder(self) -> bool:
@@ -225,7 +326,10 @@ class SparseTrainer(transformers.Trainer):
         check_token_batch(config, dict(inputs), self._step_name())
         check_batch(inputs, labels, self.loss_weights, self._is_encoder_decoder(), self._step_name())
         wants_hidden = "squarehead" in self.loss_weights
-        outputs = model(**inputs, output_hidden_states=wants_hidden)
+        # no KV cache in training; under FSDP's activation checkpointing a cache filled by the forward would
+        # make the recomputation save other tensors (T5's decoder)
+        no_cache = {"use_cache": False} if self.is_fsdp_enabled else {}
+        outputs = model(**inputs, output_hidden_states=wants_hidden, **no_cache)
         parts: dict[str, torch.Tensor] = {}
         if "ce" in self.loss_weights:
             parts["ce"] = ce_loss(outputs.logits, labels)
