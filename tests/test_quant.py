@@ -190,10 +190,11 @@ def test_low_precision_weights_keep_their_dtype():
         assert torch.equal(W_hat, q.dequantize().to(dtype))
 
 
-def _reference_gptq_error(W, H, bits, group_size, percdamp=0.01):
+def _reference_gptq(W, H, bits, group_size, percdamp=0.01):
     """GPTQ's published formulation, written from its equations: the symmetric grid of each group has
-    scale ``2·max|w| / (2^b − 1)`` and zero point ``2^(b−1)``, ``ŵ = s·(clamp(round(w/s) + z, 0, 2^b − 1) − z)``,
-    fitted when the column loop reaches the group; errors compensated through ``U = chol(H⁻¹)ᵀ``."""
+    scale ``2·max|w| / (2^b − 1)`` and zero point ``2^(b−1)``,
+    ``ŵ = s·(clamp(round(w/s) + z, 0, 2^b − 1) − z)``, fitted when the column loop reaches the group;
+    errors compensated through ``U = chol(H⁻¹)ᵀ``. Returns ``Ŵ`` (float64)."""
     W = W.double().clone()
     H = H.double() + percdamp * torch.diagonal(H).mean().double() * torch.eye(H.shape[0], dtype=torch.float64)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
@@ -217,7 +218,7 @@ def test_symmetric_int4_is_no_worse_than_gptq_reference_grid(group_size):
     for seed in range(8):
         W, H = correlated_layer(seed, out=32, inp=64)
         ours, q = gptq_quantize(W, H, 4, group_size, symmetric=True, blocksize=16)
-        reference = _reference_gptq_error(W, H, 4, group_size or W.shape[1])
+        reference = _reference_gptq(W, H, 4, group_size or W.shape[1])
         ratios.append(layer_error(W, ours, H) / layer_error(W, reference.float(), H))
         assert int(q.codes.min()) >= -8 and int(q.codes.max()) <= 7
         assert bool((q.codes == -8).any())  # the 16th code is used

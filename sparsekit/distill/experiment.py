@@ -217,10 +217,11 @@ class RecoveryResults:
 
 class RecoveryExperiment:
     """The recovery experiment of ``task_name`` at ``scale`` (see the module docstring); ``teacher``
-    replaces the task's cached teacher (same architecture)."""
+    replaces the task's cached teacher (same architecture); ``save``: write the results and the
+    CE+SquareHead students into the cache at the end of :meth:`run` (:mod:`sparsekit.distill.store`)."""
 
     def __init__(self, task_name: str, scale: str = "book", config: RecoveryConfig | None = None,
-                 progress: bool = True, teacher=None):
+                 progress: bool = True, teacher=None, save: bool = True):
         from sparsekit import tasks
 
         self.task = tasks.get(task_name)
@@ -229,6 +230,7 @@ class RecoveryExperiment:
         if self.config.group_by_length and type(self.task).row_length is tasks.Task.row_length:
             raise ValueError(f"group_by_length=True needs a task with row_length; {task_name} has none")
         self.progress = progress
+        self.save = save
         self.teacher = teacher  # default: the task's cached teacher at `scale`
         self.collate = functools.partial(self.task.collate, scale=scale)
         self._pruned: dict[str, object] = {}
@@ -334,10 +336,26 @@ class RecoveryExperiment:
         seconds["grid"] = time.perf_counter() - start
 
         runs = pd.DataFrame(self._rows).drop(columns="key")
-        return RecoveryResults(task=task.name, metric=task.metric, higher_is_better=task.higher_is_better,
-                               config=config, runs=runs, one_shot=pd.DataFrame(one_shot), reference=reference,
-                               curves=dict(self._curves), train_size=self._size(size), size_key=size,
-                               seconds=seconds)
+        results = RecoveryResults(task=task.name, metric=task.metric, higher_is_better=task.higher_is_better,
+                                  config=config, runs=runs, one_shot=pd.DataFrame(one_shot),
+                                  reference=reference, curves=dict(self._curves), train_size=self._size(size),
+                                  size_key=size, seconds=seconds)
+        if self.save:
+            self.save_to_cache(results)
+        return results
+
+    def save_to_cache(self, results: RecoveryResults):
+        """``results`` and the :data:`~sparsekit.distill.store.SAVED_LOSS` students of the first seed (one
+        per pattern) into the cache; returns the folder (:mod:`sparsekit.distill.store`)."""
+        from sparsekit.distill import store
+
+        first = self.config.seeds[0]
+        students = {(pattern, loss, seed): run.model
+                    for (pattern, loss, seed, size), run in self._models.items()
+                    if loss == store.SAVED_LOSS and seed == first and size == results.size_key
+                    and run.model is not None}
+        folder = store.experiment_dir(self.task.name, self.scale, self.config, self.teacher)
+        return store.save_experiment(folder, results, students)
 
 
 # ---- summaries for the notebooks ---------------------------------------------------------------------

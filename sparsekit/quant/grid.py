@@ -118,7 +118,8 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 class QuantizedWeight:
     """A weight ``[rows, cols]`` on a group-wise integer grid.
 
-    * ``codes [rows, cols]``: int8 in :func:`code_range` (symmetric) or uint8 in ``[0, 2^b − 1]`` (asymmetric);
+    * ``codes [rows, cols]``: int8 in :func:`code_range` (symmetric) or uint8 in ``[0, 2^b − 1]``
+      (asymmetric);
     * ``scales [rows, cols // group_size]`` float32 (each a float16 value), > 0;
     * ``zeros [rows, cols // group_size]`` uint8 zero points, or None (symmetric);
     * ``bits`` (8 or 4), ``group_size`` (divides ``cols``; ``cols`` = per-channel).
