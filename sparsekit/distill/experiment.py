@@ -289,6 +289,10 @@ class RecoveryExperiment:
                                "final_loss": result.record[-1]["loss"], "train_s": result.wall_s,
                                "eval_s": time.perf_counter() - start})
 
+    def measured_runs(self) -> pd.DataFrame:
+        """The rows of every fine-tuning run evaluated so far (the columns of ``RecoveryResults.runs``)."""
+        return pd.DataFrame(self._rows).drop(columns="key", errors="ignore")
+
     # ---- the whole experiment -------------------------------------------------------------------
     def run(self) -> RecoveryResults:
         config, task, scale = self.config, self.task, self.scale
