@@ -28,8 +28,9 @@ import pandas as pd
 from sparsekit.distill.experiment import compare_losses, parse_pattern, seed_spread, with_overrides
 
 __all__ = ["ARCHITECTURES", "QUESTION_CONFIGS", "margin_lost", "chosen_test_runs", "extend_recovery",
-           "longer_run", "longer_summary", "first_failing", "recovery_limits", "answer_recovery",
-           "loss_comparison", "answer_losses", "quantization_vs_sparsity", "answer_tradeoff"]
+           "recovered_student", "longer_run", "longer_summary", "first_failing", "recovery_limits",
+           "answer_recovery", "loss_comparison", "answer_losses", "quantization_vs_sparsity",
+           "answer_tradeoff"]
 
 ARCHITECTURES = {"translation": "encoder-decoder (T5)", "speech": "encoder-decoder (Whisper)",
                  "math": "decoder-only (MPT)"}
@@ -81,6 +82,17 @@ def extend_recovery(experiment, results, patterns: Sequence[str], losses: Sequen
         new = new[new.split == "test"][["pattern", "sparsity", "loss", "seed", "value"]]
         have = pd.concat([have, new.assign(steps=results.config.steps)], ignore_index=True)
     return have[have.pattern.isin(patterns) & have.loss.isin(losses)].reset_index(drop=True)
+
+
+def recovered_student(experiment, folder, results, pattern: str, loss: str = "CE+SquareHead"):
+    """The fine-tuned student of ``pattern`` (seed 0): from the cache when chapters 03–05 saved it, else
+    fine-tuned now by ``experiment`` on ``results``' training subset."""
+    from sparsekit.distill import store
+
+    saved = store.saved_students(folder)
+    if ((saved.pattern == pattern) & (saved.loss == loss) & (saved.seed == results.config.seeds[0])).any():
+        return store.load_student(folder, experiment.task, pattern, loss, results.config.seeds[0])
+    return experiment.student(pattern, loss, results.config.seeds[0], results.size_key).eval()
 
 
 def longer_run(task_name: str, scale: str, results, pattern: str, loss: str, factor: int,

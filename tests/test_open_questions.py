@@ -123,3 +123,25 @@ def test_extend_recovery_runs_only_what_the_cache_lacks_and_longer_run_uses_more
     assert longer["steps"] == 4 and longer["pattern"] == "80%"
     with pytest.raises(ValueError, match="factor"):
         oq.longer_run("translation", "smoke", results, "80%", "CE", 1, teacher=teacher)
+
+
+def test_recovered_student_loads_the_saved_one_or_fine_tunes_it(tmp_path):
+    from sparsekit import tasks
+    from sparsekit.distill import store
+
+    task = tasks.get("translation")
+    teacher = task.teacher("smoke", progress=False)
+    config = RecoveryConfig(patterns=("80%",), steps=1, batch_size=8, lr=1e-3, warmup=0, train_sizes=(8,),
+                            train_size=8, seeds=(0,), headline=("80%",), losses=("CE+SquareHead",),
+                            sweep_pattern="80%", sweep_losses=("CE+SquareHead",), eval_limit=2, n_calib=8,
+                            calib_batch_size=8)
+    first = RecoveryExperiment("translation", "smoke", config, progress=False, teacher=teacher, save=False)
+    results = first.run()
+    folder = store.save_experiment(tmp_path / "saved", results,
+                                   {("80%", "CE+SquareHead", 0): first.student("80%", "CE+SquareHead", 0, 8)})
+    later = RecoveryExperiment("translation", "smoke", config, progress=False, teacher=teacher, save=False)
+    loaded = oq.recovered_student(later, folder, results, "80%")
+    assert later.measured_runs().empty  # read from the cache, nothing fine-tuned
+    new = oq.recovered_student(later, folder, results, "50%")
+    zeros = [float((p == 0).float().mean()) for n, p in new.named_parameters() if n.endswith("q.weight")]
+    assert loaded is not None and min(zeros) > 0.4  # the 50 % student was pruned and fine-tuned now

@@ -289,6 +289,11 @@ class RecoveryExperiment:
                                "final_loss": result.record[-1]["loss"], "train_s": result.wall_s,
                                "eval_s": time.perf_counter() - start})
 
+    def student(self, pattern: str, loss: str, seed: int, size: int):
+        """The fine-tuned model of one run (fine-tuned now if it has not been)."""
+        self.fine_tune(pattern, loss, seed, size, ())
+        return self._models[(pattern, loss, seed, size)].model
+
     def measured_runs(self) -> pd.DataFrame:
         """The rows of every fine-tuning run evaluated so far (the columns of ``RecoveryResults.runs``)."""
         return pd.DataFrame(self._rows).drop(columns="key", errors="ignore")
