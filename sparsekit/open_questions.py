@@ -27,7 +27,8 @@ import pandas as pd
 
 from sparsekit.distill.experiment import compare_losses, parse_pattern, seed_spread, with_overrides
 
-__all__ = ["ARCHITECTURES", "QUESTION_CONFIGS", "margin_lost", "chosen_test_runs", "extend_recovery",
+__all__ = ["ARCHITECTURES", "QUESTION_CONFIGS", "has_margin", "margin_lost", "chosen_test_runs",
+           "extend_recovery",
            "recovered_student", "longer_run", "longer_summary", "first_failing", "recovery_limits",
            "answer_recovery", "loss_comparison", "answer_losses", "quantization_vs_sparsity",
            "answer_tradeoff"]
@@ -49,11 +50,17 @@ QUESTION_CONFIGS["paper"] = QUESTION_CONFIGS["book"]
 
 # ---- question 1 --------------------------------------------------------------------------------------------
 
+def has_margin(dense: float, baseline: float, higher_is_better: bool) -> bool:
+    """Whether the teacher beats the baseline (at smoke scale the teachers are untrained and do not)."""
+    return bool((dense - baseline) > 0 if higher_is_better else (baseline - dense) > 0)
+
+
 def margin_lost(value: float, dense: float, baseline: float, higher_is_better: bool) -> float:
-    """The fraction of the teacher's margin over the baseline that ``value`` loses (0: none, 1: all)."""
+    """The fraction of the teacher's margin over the baseline that ``value`` loses (0: none, 1: all);
+    NaN when the teacher has no margin to lose (:func:`has_margin`)."""
+    if not has_margin(dense, baseline, higher_is_better):
+        return math.nan
     margin = (dense - baseline) if higher_is_better else (baseline - dense)
-    if not margin > 0:
-        raise ValueError(f"the dense teacher ({dense}) must beat the baseline ({baseline}) to have a margin")
     kept = (value - baseline) if higher_is_better else (baseline - value)
     return 1.0 - kept / margin
 
@@ -138,7 +145,8 @@ def recovery_limits(runs: pd.DataFrame, dense: float, baseline: float, higher_is
 
     ``runs``: ``sparsity``, ``loss``, ``seed``, ``value`` (test). Columns: ``loss``, ``threshold``,
     ``mean`` (first failing sparsity of the mean over seeds), ``worst seed``, ``best seed`` (of the
-    per-sparsity worst / best seed), ``last tested``; NaN: no tested sparsity fails.
+    per-sparsity worst / best seed), ``last tested``, ``no margin`` (the teacher does not beat the
+    baseline: nothing can fail); NaN: no tested sparsity fails.
     """
     rows = []
     worst, best = (min, max) if higher_is_better else (max, min)
@@ -153,6 +161,7 @@ def recovery_limits(runs: pd.DataFrame, dense: float, baseline: float, higher_is
                            if margin_lost(v, dense, baseline, higher_is_better) > threshold]
                 row[name] = min(failing) if failing else math.nan
             row["last tested"] = float(max(values.index))
+            row["no margin"] = not has_margin(dense, baseline, higher_is_better)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -171,6 +180,9 @@ def answer_recovery(limits: Mapping[str, pd.DataFrame], longer: Mapping[str, Map
         rows = frame[frame.threshold == threshold]
         if rows.empty:
             raise ValueError(f"threshold {threshold} was not measured for {task}")
+        if rows["no margin"].all():
+            parts.append(f"{task}: not measurable, the teacher does not beat the baseline at this scale")
+            continue
         said = []
         for _, row in rows.iterrows():
             if math.isnan(row["mean"]):
@@ -179,7 +191,7 @@ def answer_recovery(limits: Mapping[str, pd.DataFrame], longer: Mapping[str, Map
                 said.append(f"{row.loss} first loses more at {_pct(row['mean'])}")
         text = f"{task}: " + ", ".join(said)
         extra = (longer or {}).get(task)
-        if extra:
+        if extra and not math.isnan(extra["lost"]):
             moved = "kept it within" if extra["lost"] <= threshold else "did not bring it back within"
             text += (f" ({extra['steps']} steps instead of {extra['steps_before']} at "
                      f"{_pct(extra['sparsity'])} {moved} the limit: {100 * extra['lost']:.1f}% of the "

@@ -14,8 +14,11 @@ def test_margin_lost_for_both_metric_directions():
     assert oq.margin_lost(0.5, dense=0.6, baseline=0.1, higher_is_better=True) == pytest.approx(0.2)
     assert oq.margin_lost(0.3, dense=0.2, baseline=0.7, higher_is_better=False) == pytest.approx(0.2)  # WER
     assert oq.margin_lost(0.7, dense=0.6, baseline=0.1, higher_is_better=True) < 0  # beats the teacher
-    with pytest.raises(ValueError, match="margin"):
-        oq.margin_lost(0.5, dense=0.1, baseline=0.1, higher_is_better=True)
+    assert math.isnan(oq.margin_lost(0.5, dense=0.1, baseline=0.1, higher_is_better=True))  # no margin
+    runs = _runs({"CE": (0.6, (0.5, 0.58), 0.2)})
+    limits = oq.recovery_limits(runs, dense=0.1, baseline=0.2, higher_is_better=True)
+    assert limits["no margin"].all() and limits["mean"].isna().all()
+    assert "math: not measurable" in oq.answer_recovery({"math": limits})
 
 
 def _runs(values):
