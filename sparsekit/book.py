@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         except NotebookFailed as err:
             print(f"\n{err}", file=sys.stderr)
             return 1
+    from sparsekit.results_page import write_results_tables
+
+    write_results_tables(results_dir, book_notebooks(), out_dir / "results_tables.md")  # book/results.md
     in_place = args.stage.resolve() == ROOT.resolve()
     full_run = in_place and args.scale == "book" and not args.only
     if full_run:
