@@ -35,3 +35,15 @@ def test_render_follows_the_reading_order_and_the_recorded_values(tmp_path):
     target = results_page.write_results_tables(tmp_path, ["09_open_questions"], tmp_path / "out.md")
     assert "stops at 90%" in target.read_text()
     assert "No chapter has recorded" in results_page.render_results_tables(tmp_path / "none", ["x"])
+
+
+def test_the_book_writes_the_file_that_results_md_includes(tmp_path):
+    from sparsekit import book
+
+    results = tmp_path / book.EXECUTED / "results"
+    results.mkdir(parents=True)
+    (results / "09_open_questions.json").write_text(json.dumps({"tradeoff": "nowhere"}))
+    page = book.write_results_page(tmp_path)
+    assert "| tradeoff | nowhere |" in page.read_text()
+    include = (book.ROOT / "book" / "results.md").read_text()
+    assert f"{{include}} {page.relative_to(tmp_path / 'book').as_posix()}" in include
