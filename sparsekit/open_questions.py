@@ -229,10 +229,14 @@ def loss_comparison(results_by_task: Mapping[str, object]) -> pd.DataFrame:
 def answer_losses(comparison: pd.DataFrame) -> str:
     """One sentence: the best loss per architecture, whether it is the same everywhere, and which of its
     differences to CE exceed the seed spread."""
-    per_task = "; ".join(f"{r.task} ({r.architecture}, {r.pattern}): {r['best loss']}"
-                         f" (beyond the seed spread vs CE: {r['beyond the seed spread vs CE']})"
+    def said(r) -> str:
+        if r["range of means"] == 0:
+            return "all losses tie"
+        return f"{r['best loss']} (beyond the seed spread vs CE: {r['beyond the seed spread vs CE']})"
+
+    per_task = "; ".join(f"{r.task} ({r.architecture}, {r.pattern}): {said(r)}"
                          for _, r in comparison.iterrows())
-    same = comparison["best loss"].nunique() == 1
+    same = comparison["best loss"].nunique() == 1 and bool((comparison["range of means"] > 0).all())
     verdict = ("the same loss is best on every architecture" if same
                else "the best loss differs between the tasks")
     return f"At the sparsity where the losses differ most, {verdict}: {per_task}."

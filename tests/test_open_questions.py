@@ -84,6 +84,8 @@ def test_loss_comparison_and_its_answer_follow_the_seed_spread():
     first, second = oq.answer_losses(table), oq.answer_losses(oq.loss_comparison(flipped))
     assert "the same loss is best on every architecture" in first
     assert "differs between the tasks" in second and "decoder-only (MPT), 70%): CE (" in second
+    tied = {"math": _results("math", (0.30, 0.34), (0.30, 0.34))}
+    assert "math (decoder-only (MPT), 70%): all losses tie" in oq.answer_losses(oq.loss_comparison(tied))
 
 
 def _grid(int4_at_50):
