@@ -253,6 +253,16 @@ def _fold_injected_parameters(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def write_results_page(stage: Path, root: Path = ROOT) -> Path:
+    """``<stage>/book/_executed/results_tables.md`` (included by ``book/results.md``) from the results the
+    notebooks recorded in ``<stage>/book/_executed/results`` (:mod:`sparsekit.results_page`)."""
+    from sparsekit.results_page import write_results_tables
+
+    out_dir = stage / EXECUTED
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_results_tables(out_dir / "results", book_notebooks(root), out_dir / "results_tables.md")
+
+
 def build_book(stage: Path) -> Path:
     """``jupyter-book build`` of ``stage`` with warnings as errors; returns the html index."""
     jb = Path(sys.executable).with_name("jupyter-book")
@@ -431,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         except NotebookFailed as err:
             print(f"\n{err}", file=sys.stderr)
             return 1
+    write_results_page(args.stage)
     in_place = args.stage.resolve() == ROOT.resolve()
     full_run = in_place and args.scale == "book" and not args.only
     if full_run:

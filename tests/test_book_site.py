@@ -38,6 +38,7 @@ def _stage_with_placeholder_chapters(stage: Path) -> None:
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         (stage / book.EXECUTED).mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, stage / book.EXECUTED / f"{name}.ipynb")
+    book.write_results_page(stage)  # what book/results.md includes
 
 
 @pytest.fixture(scope="module")

@@ -72,15 +72,16 @@ def test_nm_quantized_round_trip_and_file(rows, groups, nm, bits, per_channel, s
 
 
 def test_int4_layouts_follow_the_spec():
-    W = torch.tensor([[7.0, 0.0, -7.0, 2.0], [0.0, 0.0, 3.5, -3.5]])
-    weight = BitmaskWeight.from_dense(W, bits=4, group_size=4)  # scales 1 and 0.5
-    codes = torch.tensor([7, -7, 2, 7, -7], dtype=torch.int8)  # row-major kept values
-    assert torch.equal(weight.codes(), codes) and torch.equal(weight.to_dense(), W)
+    W = torch.tensor([[7.0, 0.0, -7.5, 2.0], [0.0, 0.0, 3.5, -3.75]])
+    weight = BitmaskWeight.from_dense(W, bits=4, group_size=4)  # scales 2·max|w|/15: 1 and 0.5
+    codes = torch.tensor([7, -8, 2, 7, -8], dtype=torch.int8)  # row-major kept values; all 16 codes
+    assert torch.equal(weight.codes(), codes)
+    assert torch.equal(weight.to_dense(), torch.tensor([[7.0, 0.0, -8.0, 2.0], [0.0, 0.0, 3.5, -4.0]]))
     assert torch.equal(weight.values, pack_int4(codes))  # one flat stream, 3 bytes, pad nibble 0
-    assert weight.values.tolist() == [0x97, 0x72, 0x09]
-    row = torch.tensor([[7.0, 0, 0, -7.0, 0, 2.0, 2.0, 0]])
+    assert weight.values.tolist() == [0x87, 0x72, 0x08]
+    row = torch.tensor([[7.0, 0, 0, -7.5, 0, 2.0, 2.0, 0]])
     nm = NMWeight.from_dense(row, nm=(2, 4), bits=4, group_size=8)
-    assert nm.values.tolist() == [[0x97, 0x22]]  # per row: 7, -7, 2, 2
+    assert nm.values.tolist() == [[0x87, 0x22]]  # per row: 7, -8, 2, 2
 
 
 def test_from_quantized_stores_gptq_output_exactly_and_sizes_match_patterns():

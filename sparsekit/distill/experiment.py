@@ -420,11 +420,13 @@ def _run_folder(pattern: str, loss: str, seed: int, size: int) -> str:
 class RecoveryExperiment:
     """The recovery experiment of ``task_name`` at ``scale`` (see the module docstring); ``teacher``
     replaces the task's cached teacher (same architecture). ``stream``: one pattern at a time (default: at
-    paper scale); ``save_dir``: each fine-tuned model is saved there (a folder per run, safetensors)."""
+    paper scale); ``save_dir``: each fine-tuned model is saved there (a folder per run, safetensors);
+    ``save``: write the results and the CE+SquareHead students into the cache at the end of :meth:`run`
+    (:mod:`sparsekit.distill.store`; students only when not streaming, which frees every model)."""
 
     def __init__(self, task_name: str, scale: str = "book", config: RecoveryConfig | None = None,
                  progress: bool = True, teacher=None, model=None, dataset=None, stream: bool | None = None,
-                 save_dir=None):
+                 save_dir=None, save: bool = True):
         from sparsekit import tasks
 
         self.task = tasks.get(task_name, model=model, dataset=dataset)  # model/dataset: the paper path's
@@ -437,6 +439,9 @@ class RecoveryExperiment:
             raise ValueError(f"stream must be True, False or None (= at paper scale), got {stream!r}")
         self.stream = scale == "paper" if stream is None else stream
         self.save_dir = save_dir
+        if not isinstance(save, bool):
+            raise ValueError(f"save must be True or False, got {save!r}")
+        self.save = save
         self.teacher = teacher  # default: the task's cached teacher at `scale`
         self.collate = functools.partial(self.task.collate, scale=scale)
         self._pruned: dict[str, object] = {}
@@ -502,6 +507,15 @@ class RecoveryExperiment:
                                "final_loss": result.record[-1]["loss"], "train_s": result.wall_s,
                                "eval_s": time.perf_counter() - start})
 
+    def student(self, pattern: str, loss: str, seed: int, size: int):
+        """The fine-tuned model of one run (fine-tuned now if it has not been; ``None`` once freed)."""
+        self.fine_tune(pattern, loss, seed, size, ())
+        return self._models[(pattern, loss, seed, size)].model
+
+    def measured_runs(self) -> pd.DataFrame:
+        """The rows of every fine-tuning run evaluated so far (the columns of ``RecoveryResults.runs``)."""
+        return pd.DataFrame(self._rows).drop(columns="key", errors="ignore")
+
     def _reference(self) -> dict:
         task, scale = self.task, self.scale
         if self.teacher is None:
@@ -548,8 +562,13 @@ class RecoveryExperiment:
                        for loss in config.losses]
 
     def _fine_tune_and_free(self, pattern: str, loss: str, seed: int, size: int) -> None:
+        """Fine-tune and evaluate on test, then free the model, unless :meth:`save_to_cache` will save it."""
+        from sparsekit.distill import store
+
         self.fine_tune(pattern, loss, seed, size, ("test",))
-        self._models[(pattern, loss, seed, size)].model = None  # evaluated on test: never needed again
+        kept = self.save and not self.stream and loss == store.SAVED_LOSS and seed == self.config.seeds[0]
+        if not kept:
+            self._models[(pattern, loss, seed, size)].model = None  # evaluated on test: never needed again
 
     # ---- the whole experiment -------------------------------------------------------------------
     def run(self) -> RecoveryResults | None:
@@ -579,10 +598,26 @@ class RecoveryExperiment:
         if not _is_main_process():
             return None
         runs = pd.DataFrame(self._rows).drop(columns="key")
-        return RecoveryResults(task=task.name, metric=task.metric, higher_is_better=task.higher_is_better,
-                               config=config, runs=runs, one_shot=pd.DataFrame(one_shot), reference=reference,
-                               curves=dict(self._curves), train_size=self._size(size), size_key=size,
-                               seconds=seconds)
+        results = RecoveryResults(task=task.name, metric=task.metric, higher_is_better=task.higher_is_better,
+                                  config=config, runs=runs, one_shot=pd.DataFrame(one_shot),
+                                  reference=reference, curves=dict(self._curves), train_size=self._size(size),
+                                  size_key=size, seconds=seconds)
+        if self.save:
+            self.save_to_cache(results)
+        return results
+
+    def save_to_cache(self, results: RecoveryResults):
+        """``results`` and the :data:`~sparsekit.distill.store.SAVED_LOSS` students of the first seed (one
+        per pattern) into the cache; returns the folder (:mod:`sparsekit.distill.store`)."""
+        from sparsekit.distill import store
+
+        first = self.config.seeds[0]
+        students = {(pattern, loss, seed): run.model
+                    for (pattern, loss, seed, size), run in self._models.items()
+                    if loss == store.SAVED_LOSS and seed == first and size == results.size_key
+                    and run.model is not None}
+        folder = store.experiment_dir(self.task.name, self.scale, self.config, self.teacher)
+        return store.save_experiment(folder, results, students)
 
     def _run_streaming(self, seconds: dict) -> tuple[list[dict], int]:
         """Pattern by pattern: prune, evaluate one shot, fine-tune and evaluate every run, free."""

@@ -58,7 +58,7 @@ def grid_codes(W: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
 
     ``scales=None`` fits them by round-to-nearest (:func:`sparsekit.quant.quantize_rtn`); given scales
     ``[rows, cols // group_size]`` are used as they are (``ValueError`` when a kept weight would fall
-    outside ``±Q·scale``: nothing is clipped).
+    outside the code range times its scale: nothing is clipped).
     """
     rows, cols = W.shape
     kept = W.float() * mask
@@ -66,11 +66,11 @@ def grid_codes(W: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
         _, quantized = quantize_rtn(kept, bits, group_size, symmetric=True)
         return quantized.codes, quantized.scales.to(torch.float16)
     validate_scales(scales, rows, cols, group_size, part="scales")
-    _, high = code_range(bits, True)
+    low, high = code_range(bits, True)
     q = torch.round(kept / expand_groups(scales.float(), group_size))
-    if q.numel() and float(q.abs().max()) > high:
-        raise ValueError(f"scales are too small for W: a kept weight needs |q| = {float(q.abs().max()):.0f} "
-                         f"> {high} at bits={bits}")
+    if q.numel() and (float(q.min()) < low or float(q.max()) > high):
+        raise ValueError(f"scales are too small for W: a kept weight needs q in [{float(q.min()):.0f}, "
+                         f"{float(q.max()):.0f}], outside [{low}, {high}] at bits={bits}")
     return q.to(torch.int8), scales.to(torch.float16).contiguous()
 
 

@@ -4,8 +4,11 @@ A weight ``W [rows, cols]`` is cut along its input dimension into groups of ``gr
 columns (``group_size = cols``: one group per row, "per-channel"). Each (row, group) has a scale
 ``s > 0`` (and, asymmetric, an integer zero point ``z``):
 
-* symmetric, ``b`` bits: ``q = clamp(round(w / s), −Q, Q)`` with ``Q = 2^(b−1) − 1`` (127, 7) and
-  ``s = max|w| / Q`` over the group; ``ŵ = q · s``;
+* symmetric, ``b`` bits: ``q = clamp(round(w / s), q_min, q_max)`` with ``s = 2·max|w| / (q_max − q_min)``
+  over the group; ``ŵ = q · s``. int4 uses all 16 codes, ``[−8, 7]`` (``s = max|w| / 7.5``), as GPTQ's
+  reference quantizer does (its grid is ``s = 2·max|w| / (2^b − 1)``, zero point ``2^(b−1)``); int8 uses
+  ``[−127, 127]`` (``s = max|w| / 127``), because the int8 format keeps −128 out of its codes
+  (:mod:`sparsekit.formats.quantized`) and a 256th level changes int8's error by less than 1 %;
 * asymmetric: ``q = clamp(round(w / s) + z, 0, 2^b − 1)``, ``s = (max(w, 0) − min(w, 0)) / (2^b − 1)``,
   ``z = round(−min(w, 0) / s)``; ``ŵ = (q − z) · s``.
 
@@ -24,7 +27,7 @@ import torch
 from sparsekit import _validate
 
 __all__ = ["BITS", "QuantizedWeight", "check_bits", "check_group_size", "code_range", "fit_scales",
-           "quantize_codes", "dequantize_codes", "expand_groups"]
+           "quantize_codes", "dequantize_codes", "expand_groups", "SYMMETRIC_RANGES"]
 
 BITS = (8, 4)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -46,10 +49,13 @@ def check_group_size(group_size, cols: int) -> int:
     return group_size
 
 
+SYMMETRIC_RANGES = {8: (-127, 127), 4: (-8, 7)}  # int4: all 16 codes; int8: the format's [−127, 127]
+
+
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """``(q_min, q_max)``: ``(−2^(b−1)+1, 2^(b−1)−1)`` symmetric, ``(0, 2^b − 1)`` asymmetric."""
+    """``(q_min, q_max)``: :data:`SYMMETRIC_RANGES` symmetric, ``(0, 2^b − 1)`` asymmetric."""
     if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return SYMMETRIC_RANGES[bits]
     return 0, 2**bits - 1
 
 
@@ -76,8 +82,8 @@ def fit_scales(W: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tenso
     """
     W = W.float()
     q_min, q_max = code_range(bits, symmetric)
-    if symmetric:
-        scale = W.abs().amax(dim=1) / q_max
+    if symmetric:  # max|w| maps to the middle of the range's width: (q_max − q_min) / 2 steps from 0
+        scale = 2 * W.abs().amax(dim=1) / (q_max - q_min)
     else:
         low, high = W.amin(dim=1).clamp(max=0), W.amax(dim=1).clamp(min=0)
         scale = (high - low) / q_max
@@ -92,7 +98,7 @@ def quantize_codes(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
                    bits: int) -> torch.Tensor:
     """Codes of ``W [rows, cols]`` on the grid ``scales, zeros`` (broadcast, e.g. ``[rows, 1]``).
 
-    int8 symmetric codes in ``[−Q, Q]`` when ``zeros`` is None, else uint8 codes in ``[0, 2^b − 1]``.
+    int8 symmetric codes in :func:`code_range` when ``zeros`` is None, else uint8 codes in ``[0, 2^b − 1]``.
     """
     q_min, q_max = code_range(bits, zeros is None)
     q = torch.round(W.float() / scales)
@@ -113,7 +119,8 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 class QuantizedWeight:
     """A weight ``[rows, cols]`` on a group-wise integer grid.
 
-    * ``codes [rows, cols]``: int8 in ``[−Q, Q]`` (symmetric) or uint8 in ``[0, 2^b − 1]`` (asymmetric);
+    * ``codes [rows, cols]``: int8 in :func:`code_range` (symmetric) or uint8 in ``[0, 2^b − 1]``
+      (asymmetric);
     * ``scales [rows, cols // group_size]`` float32 (each a float16 value), > 0;
     * ``zeros [rows, cols // group_size]`` uint8 zero points, or None (symmetric);
     * ``bits`` (8 or 4), ``group_size`` (divides ``cols``; ``cols`` = per-channel).
