@@ -98,6 +98,6 @@ class CSRWeight(SparseWeight):
             if not bool((rising | row_starts).all()):
                 i = int((~(rising | row_starts)).nonzero()[0]) + 1
                 row = int(torch.searchsorted(indptr, torch.tensor(i, dtype=indptr.dtype), right=True)) - 1
-                raise ValueError(f"csr part 'indices' must increase strictly within each row (no duplicate or "
-                                 f"unsorted columns; a duplicate would be summed): row {row} has column "
+                raise ValueError(f"csr part 'indices' must increase strictly within each row (no duplicate "
+                                 f"or unsorted columns; a duplicate would be summed): row {row} has column "
                                  f"{int(columns[i])} after {int(columns[i - 1])}")

@@ -22,13 +22,15 @@ implementation gives each output's shape, so ``torch.compile`` traces through th
 formula (inference only).
 
 NaN and Inf follow IEEE arithmetic on the dense product, the same on every ISA path, in every format and in
-the torch fallback: a pruned weight is a stored zero, and ``0 · NaN = 0 · Inf = NaN``. So each output equals
-what ``F.linear(x, W)`` gives with the decompressed (dequantized) weight ``W``; in particular a batch row of
-x holding a NaN or an infinity makes *every* output of that row non-finite, also where its column is pruned.
-The vector kernels skip pruned weights (that is their speed), so the op scans x once for non-finite values
-(``O(batch · in)``, nothing next to the ``O(out · in)`` weight stream) and computes just those rows by the
-dense reference; finite rows take the fast kernels unchanged. With ``x_int8=True`` such a row rounds to NaN
-(its scale ``max|x| / 127`` is not finite), as :func:`~sparsekit.kernels.reference.quantize_x` rounds it.
+the torch fallback: a pruned weight is a stored zero, and ``0 · NaN = 0 · Inf = NaN``. So an output is NaN,
+±Inf or finite exactly where ``F.linear(x, W)`` with the decompressed (dequantized) weight ``W`` is (and
+equal to it up to the order of the fp32 sums); in particular a batch row of x holding a NaN or an infinity
+makes *every* output of that row non-finite, also where its column is pruned. Paths that skip pruned
+weights (that is their speed: the scalar and AVX2 bitmask kernels, CSR) would lose that NaN, so every op
+scans x once for non-finite values (``O(batch · in)``, nothing next to the ``O(out · in)`` weight stream)
+and computes just those rows by the dense product with ``W``; finite rows take the fast kernels unchanged.
+With ``x_int8=True`` such a row rounds to NaN (its scale ``max|x| / 127`` is not finite), as
+:func:`~sparsekit.kernels.reference.quantize_x` rounds it.
 
 Parts are checked as in :mod:`sparsekit.formats`: ``in_features`` and the rows (out features) at least 1,
 CSR column indices strictly increasing within a row (a duplicate is refused, not summed), int8/int4 scales

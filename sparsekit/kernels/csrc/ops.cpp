@@ -12,9 +12,9 @@
 //
 // IEEE rule (the same on every path and in the torch fallback): a pruned weight is a stored zero, and
 // 0 * NaN = 0 * Inf = NaN, so every output is what the dense product x W^T with the decompressed weight
-// gives. The vector paths skip pruned weights (that is their speed), so a batch row of x holding a NaN or an
-// infinity is found by one O(B * K) scan of x (no allocation; nothing next to the O(R * K) weight stream)
-// and that row alone is recomputed densely: at::linear(x_row, W) with W decompressed to fp32. For such a
+// gives. Paths that skip pruned weights (the scalar and AVX2 bitmask kernels, CSR) would lose the NaN, so a
+// batch row of x holding a NaN or an infinity is found by one O(B * K) scan of x (no allocation; nothing
+// next to the O(R * K) weight stream), on every path, and that row alone is recomputed densely: at::linear(x_row, W) with W decompressed to fp32. For such a
 // row every output is non-finite (each meets the NaN, or the infinity times a weight or a zero).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
