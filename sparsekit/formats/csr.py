@@ -88,7 +88,7 @@ class CSRWeight(SparseWeight):
         if indices.numel():
             columns = indices.to(torch.int64)
             if int(columns.min()) < 0 or int(columns.max()) >= cols:
-                raise ValueError(f"csr part 'indices' must lie in [0, cols={cols}), got "
+                raise ValueError(f"csr part 'indices': column indices must lie in [0, cols={cols}), got "
                                  f"[{int(columns.min())}, {int(columns.max())}]")
             rising = columns[1:] > columns[:-1]
             row_starts = torch.zeros_like(rising)
