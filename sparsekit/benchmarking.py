@@ -748,6 +748,6 @@ def calibrate(shape=(4096, 4096), patterns=("50%", "70%", "90%"), batches=(1, 2,
     data = {"machine_key": dispatch.machine_key(), "machine": result["machine"],
             "rules": rules_from_rows(result["rows"]), "shape": list(shape), "repeats": repeats,
             "rows": result["rows"]}
-    write_json(data, path or dispatch.calibration_path())
+    fileio.atomic_write_json(path or dispatch.calibration_path(), data, default=str)  # whole or not at all
     dispatch.reload_rules()
     return data

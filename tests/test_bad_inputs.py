@@ -456,3 +456,122 @@ def test_a_jsonl_row_without_text_is_named_by_its_line(saved_model, tmp_path, ca
     assert info.value.code == 2
     assert re.search(r"line 2 has no 'text' field \(its keys: \['txt'\]\)", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+# ==== issue 19 (kern): kernel ops, formats and dispatch rules refuse what they cannot compute exactly ====
+# A duplicate CSR column would be summed, a zero/negative/NaN scale multiplied in, an empty weight would fail
+# inside a reshape: each is refused by name. Rows: (case, call, error, argument).
+
+def _kern_parts():
+    from sparsekit.formats import CSRWeight
+
+    Wq = W.abs() + 0.1
+    return (BitmaskWeight.from_dense(W), CSRWeight.from_dense(W, index_dtype=torch.int32),
+            BitmaskWeight.from_dense(Wq, bits=8, group_size=8), NMWeight.from_dense(
+                magnitude_prune(Wq, nm=(2, 4))[0], nm=(2, 4), bits=4, group_size=16))
+
+
+def _kern_op(name, **change):
+    """A call of ``torch.ops.sparsekit.<name>`` (or the reference op, ``name`` "reference <op>") with valid
+    parts of W [8, 16], some replaced."""
+    from sparsekit.kernels import ops
+
+    bitmask, csr, q8, q4 = _kern_parts()
+    dup = csr.indices.clone()
+    dup[1] = dup[0]  # row 0 holds column dup[0] twice
+    args = {
+        "bitmask_linear": dict(x=torch.randn(2, 16), bitmask=q8.bitmask, values=q8.values,
+                               row_offsets=q8.row_offsets, in_features=16, scales=q8.scales, group_size=8),
+        "nm_linear": dict(x=torch.randn(2, 16), bitmask=q4.bitmask, values=q4.values, in_features=16,
+                          scales=q4.scales, group_size=16),
+        "csr_linear": dict(x=torch.randn(2, 16), indptr=csr.indptr, indices=csr.indices, values=csr.values,
+                           in_features=16),
+        "bitmask_to_dense": dict(bitmask=bitmask.bitmask, values=bitmask.values,
+                                 row_offsets=bitmask.row_offsets, in_features=16),
+        "dense_linear": dict(x=torch.randn(2, 16), weight=W),
+    }
+    op = name.split()[-1]
+    kwargs = {**args[op], **{k: (dup if isinstance(v, str) else v) for k, v in change.items()}}
+    fn = ops._reference_ops()[op] if name.startswith("reference") else getattr(torch.ops.sparsekit, op)
+    return lambda: fn(**kwargs)
+
+
+def _kern_scales(value, where=(0, 0), parts=2):
+    scales = _kern_parts()[parts].scales.clone()
+    scales[where] = value
+    return scales
+
+
+def _kern_quantized(scales, fmt="bitmask"):
+    bitmask, _, q8, q4 = _kern_parts()
+    weight = q8 if fmt == "bitmask" else q4
+    tensors = {**weight.tensors(), "scales": scales}
+    return lambda: type(weight).from_parts(weight.shape, tensors, weight.extra())
+
+
+def _kern_csr(indices):
+    from sparsekit.formats import CSRWeight
+
+    return lambda: CSRWeight((2, 8), torch.tensor([0, 2, 3]), torch.tensor(indices, dtype=torch.int32),
+                             torch.ones(3))
+
+
+def _kern_rules(rules):
+    from sparsekit.kernels import dispatch
+
+    return lambda: dispatch.check_rules(rules)
+
+
+KERN_CASES = [
+    # formats
+    ("bitmask W with no rows", lambda: BitmaskWeight.from_dense(torch.zeros(0, 16)), ValueError, "W"),
+    ("csr W with no columns", lambda: compress(torch.zeros(8, 0), "csr"), ValueError, "W"),
+    ("nm shape with zero rows", lambda: NMWeight((0, 16), (2, 4), None, None), ValueError, "shape[0]"),
+    ("csr duplicate column in a row", _kern_csr([3, 3, 1]), ValueError, "indices"),
+    ("csr unsorted columns in a row", _kern_csr([5, 2, 1]), ValueError, "indices"),
+    ("bitmask int8 scale zero", _kern_quantized(_kern_scales(0.0)), ValueError, "scales"),
+    ("bitmask int8 scale NaN", _kern_quantized(_kern_scales(float("nan"))), ValueError, "scales"),
+    ("nm int4 scale negative", _kern_quantized(_kern_scales(-0.5, parts=3), "nm"), ValueError, "scales"),
+    # the C++ ops (and the reference ops that replace them without a compiler)
+    ("csr_linear duplicate column", _kern_op("csr_linear", indices="dup"), ValueError, "indices"),
+    ("reference csr_linear duplicate column", _kern_op("reference csr_linear", indices="dup"), ValueError,
+     "indices"),
+    ("bitmask_linear scale zero", _kern_op("bitmask_linear", scales=_kern_scales(0.0)), ValueError, "scales"),
+    ("bitmask_linear scale infinite", _kern_op("bitmask_linear", scales=_kern_scales(float("inf"))),
+     ValueError, "scales"),
+    ("nm_linear scale negative", _kern_op("nm_linear", scales=_kern_scales(-1.0, parts=3)), ValueError,
+     "scales"),
+    ("reference nm_linear scale NaN",
+     _kern_op("reference nm_linear", scales=_kern_scales(float("nan"), parts=3)), ValueError, "scales"),
+    ("bitmask_to_dense 2-D values", _kern_op("bitmask_to_dense", values=_kern_parts()[0].values[None]),
+     ValueError, "values"),
+    ("bitmask_linear in_features 0", _kern_op("bitmask_linear", x=torch.ones(2, 0), in_features=0,
+                                              bitmask=torch.zeros(8, 0, dtype=torch.uint8)),
+     ValueError, "in_features"),
+    ("csr_linear in_features 0", _kern_op("csr_linear", x=torch.ones(2, 0), in_features=0,
+                                          indptr=torch.zeros(9, dtype=torch.long),
+                                          indices=torch.zeros(0, dtype=torch.int32), values=torch.zeros(0)),
+     ValueError, "in_features"),
+    ("dense_linear weight without rows", _kern_op("dense_linear", weight=torch.zeros(0, 16)), ValueError,
+     "weight"),
+    ("bitmask_to_dense no rows",
+     _kern_op("bitmask_to_dense", bitmask=torch.zeros(0, 2, dtype=torch.uint8), values=torch.zeros(0),
+              row_offsets=torch.zeros(1, dtype=torch.int64)), ValueError, "bitmask"),
+    # SparseLinear's dispatch rules (calibration.json)
+    ("dispatch rule sparsity NaN", _kern_rules({"csr": [[float("nan"), 4]]}), ValueError, "min_sparsity"),
+    ("dispatch rule batch fractional", _kern_rules({"expand": [[0.5, 2.5]]}), ValueError, "max_batch"),
+    ("dispatch rules not a mapping", _kern_rules([["csr", 0.5, 4]]), ValueError, "rules"),
+]
+
+
+@pytest.mark.parametrize("call, error, argument", [case[1:] for case in KERN_CASES],
+                         ids=[case[0] for case in KERN_CASES])
+def test_kernel_and_format_bad_input_is_refused_by_name(call, error, argument):
+    with pytest.raises(error) as info:
+        call()
+    assert type(info.value) is error, type(info.value)
+    assert re.search(rf"(^|\W){re.escape(argument)}(\W|$)", str(info.value)), str(info.value)
+
+
+def test_the_kernel_table_has_twelve_rows_or_more_and_no_duplicates():
+    assert len(KERN_CASES) >= 12 and len({case[0] for case in KERN_CASES}) == len(KERN_CASES)
+# ==== end issue 19 (kern) ====

@@ -358,7 +358,8 @@ def test_every_op_passes_opcheck_and_compiles(index):
 # ---- building
 
 
-def test_without_tools_the_loader_warns_and_the_reference_ops_are_used(monkeypatch):
+def test_without_tools_the_loader_warns_and_the_reference_ops_are_used(monkeypatch, tmp_cache):
+    # an empty cache: a verified library in the cache would load without any compiler
     monkeypatch.setattr(extension, "_missing_tools", lambda: ["a C++ compiler (c++; set $CXX)"])
     with pytest.warns(RuntimeWarning, match="cannot build the C\\+\\+ kernels without a C\\+\\+ compiler"):
         assert extension.load_extension.__wrapped__() is None

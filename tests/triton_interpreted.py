@@ -173,3 +173,34 @@ def test_invalid_inputs_raise():
         parts = {**vars(quantized), **change}
         with pytest.raises(ValueError, match=message):
             dispatch.triton_linear(x, type(quantized)(**parts))
+
+
+# ---- NaN and Inf in x (issue 19): the pattern of the dense product, as on every CPU path
+# (tests/test_kernel_nonfinite.py): a pruned weight is a stored zero and 0·NaN = 0·Inf = NaN.
+
+
+def _nonfinite_weights():
+    pruned = 5  # a column no row keeps
+    W = random_sparse(64, 128, sparsity=0.7, dtype=torch.float32, seed=8)
+    Wn = random_sparse(64, 128, nm=(2, 4), dtype=torch.float32, seed=8)
+    W[:, pruned] = 0.0
+    Wn[:, pruned] = 0.0
+    kept = int(W[0].nonzero()[0])
+    return pruned, kept, [BitmaskWeight.from_dense(W.half()), NMWeight.from_dense(Wn.half(), nm=(2, 4)),
+                          BitmaskWeight.from_dense(W, bits=8, group_size=32),
+                          NMWeight.from_dense(Wn, nm=(2, 4), bits=4, group_size=64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_nonfinite_x_gives_the_dense_pattern(dtype, batch):
+    pruned, kept, weights = _nonfinite_weights()
+    x = _x(batch, 128, dtype, seed=9)
+    x[0, pruned] = float("nan")
+    if batch > 1:
+        x[1, pruned], x[2, pruned], x[3, kept] = float("inf"), -float("inf"), float("nan")  # row 4 finite
+    for weight in weights:
+        y = dispatch.triton_linear(x, weight)
+        ref = F.linear(x.float(), weight.to_dense().float()).to(dtype)
+        assert bool(torch.isnan(ref[:min(batch, 4)]).all()) and bool(torch.isfinite(ref[4:]).all())
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))

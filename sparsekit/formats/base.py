@@ -35,8 +35,12 @@ def check_values_dtype(dtype: torch.dtype, allowed=VALUE_DTYPES, name: str = "dt
 
 
 def check_weight(W: torch.Tensor, name: str = "W") -> torch.Tensor:
-    """``W`` must be a 2-D floating tensor (any layout); returned detached."""
-    return _validate.tensor(W, name, dim=2, floating=True, what="a 2-D tensor [rows, cols]").detach()
+    """``W`` must be a 2-D floating tensor (any layout) with at least one row and one column; detached."""
+    W = _validate.tensor(W, name, dim=2, floating=True, what="a 2-D tensor [rows, cols]").detach()
+    if 0 in W.shape:
+        raise ValueError(f"{name} must have rows >= 1 (out_features) and cols >= 1 (in_features), got shape "
+                         f"{tuple(W.shape)}")
+    return W
 
 
 def dense_mask(W: torch.Tensor, mask: torch.Tensor | None, name: str = "mask") -> torch.Tensor:
@@ -178,9 +182,10 @@ class SparseWeight:
 
 
 def check_shape(shape) -> tuple[int, int]:
+    """``(rows, cols)``, both >= 1: an empty weight has nothing to compress (and no kernel takes it)."""
     if not isinstance(shape, (tuple, list, torch.Size)):
-        raise TypeError(f"shape must be a pair (rows, cols) of non-negative ints, got {shape!r}")
+        raise TypeError(f"shape must be a pair (rows, cols) of positive ints, got {shape!r}")
     if len(shape) != 2:
-        raise ValueError(f"shape must be a pair (rows, cols) of non-negative ints, got {shape!r}")
-    rows, cols = (_validate.integer(s, f"shape[{i}]", low=0) for i, s in enumerate(shape))
+        raise ValueError(f"shape must be a pair (rows, cols) of positive ints, got {shape!r}")
+    rows, cols = (_validate.integer(s, f"shape[{i}]", low=1) for i, s in enumerate(shape))
     return rows, cols

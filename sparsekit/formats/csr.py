@@ -88,12 +88,16 @@ class CSRWeight(SparseWeight):
         if indices.numel():
             columns = indices.to(torch.int64)
             if int(columns.min()) < 0 or int(columns.max()) >= cols:
-                raise ValueError(f"column indices must lie in [0, {cols}), got [{int(columns.min())}, "
-                                 f"{int(columns.max())}]")
+                raise ValueError(f"csr part 'indices': column indices must lie in [0, cols={cols}), got "
+                                 f"[{int(columns.min())}, {int(columns.max())}]")
             rising = columns[1:] > columns[:-1]
             row_starts = torch.zeros_like(rising)
             starts = indptr[1:-1]
             starts = starts[(starts > 0) & (starts < indices.numel())] - 1
             row_starts[starts] = True
             if not bool((rising | row_starts).all()):
-                raise ValueError("column indices must increase strictly within each row (no duplicates)")
+                i = int((~(rising | row_starts)).nonzero()[0]) + 1
+                row = int(torch.searchsorted(indptr, torch.tensor(i, dtype=indptr.dtype), right=True)) - 1
+                raise ValueError(f"csr part 'indices' must increase strictly within each row (no duplicate "
+                                 f"or unsorted columns; a duplicate would be summed): row {row} has column "
+                                 f"{int(columns[i])} after {int(columns[i - 1])}")

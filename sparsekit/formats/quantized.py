@@ -10,7 +10,8 @@ is symmetric: the kept weight at ``(r, c)`` is ``q · scales[r, c // group_size]
   (:func:`sparsekit.quant.pack_int4`); the bitmask format packs one flat stream (kept value ``k`` is
   nibble ``k``), the N:M format packs each row (``[rows, ceil(cols·n/m / 2)]``); a pad nibble is 0.
 
-Pruned weights are not stored, so they are exactly 0; a kept weight whose code is 0 stays kept.
+Pruned weights are not stored, so they are exactly 0; a kept weight whose code is 0 stays kept. Scales are
+finite and ``> 0`` (a zero, negative or non-finite scale is refused).
 """
 
 from __future__ import annotations
@@ -112,8 +113,13 @@ def validate_scales(scales, rows: int, cols: int, group_size: int, part: str = "
     if tuple(scales.shape) != expected:
         raise ValueError(f"part {part!r} must have shape {expected} for a weight of shape {(rows, cols)} "
                          f"and group_size={group_size}, got {tuple(scales.shape)}")
-    if not scales.is_floating_point() or not bool(torch.isfinite(scales).all()):
-        raise ValueError(f"part {part!r} must hold finite floating scales")
+    if not scales.is_floating_point():
+        raise ValueError(f"part {part!r} must hold floating scales, got {scales.dtype}")
+    bad = ~(torch.isfinite(scales) & (scales > 0))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"part {part!r} must hold finite scales > 0, got {float(scales[where])} at {where} "
+                         f"({int(bad.sum())} bad of {scales.numel()})")
 
 
 def validate_quantized_values(values: torch.Tensor, bits: int, count: int, fmt: str) -> None:

@@ -7,6 +7,12 @@ Linear layers of a model in place. CPU kernels: C++ compiled on first use as a t
 as ``torch.ops.sparsekit.*`` (:mod:`~sparsekit.kernels.ops`); torch reference ops without a compiler.
 Triton GPU kernels (:mod:`~sparsekit.kernels.triton_bitmask`, :mod:`~sparsekit.kernels.triton_nm`) are
 registered for CUDA tensors with ``register_kernel(format, "cuda", ...)``.
+
+Every kernel returns what the dense product ``F.linear(x, W)`` with the decompressed weight returns, NaN and
+Inf included: a pruned weight is a stored zero and ``0 · NaN = 0 · Inf = NaN`` (IEEE), on every instruction
+set, format and value type (:mod:`~sparsekit.kernels.ops` says how). The compiled library is loaded only
+after its manifest verifies; a damaged or unwritable cache falls back with one warning
+(:mod:`~sparsekit.kernels.extension`).
 """
 
 from sparsekit.kernels.ops import active_isa, backend, isa_paths

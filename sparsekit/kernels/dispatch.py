@@ -8,15 +8,17 @@ kernels, float values), ``"expand-int8"``, ``"expand-int4"`` (quantized values) 
 The rules come from ``sparsekit bench --calibrate`` (:func:`sparsekit.benchmarking.calibrate`), which
 times every kind against what ``SparseLinear`` would run instead (decompress + dense ``F.linear``) on this
 machine and writes
-``$SPARSEKIT_CACHE/kernels/calibration.json`` (or the file named by ``$SPARSEKIT_CALIBRATION``). A file
-made on another CPU (model, cores or instruction set differ) is ignored with a warning; without a file,
-:data:`DEFAULT_RULES` apply: measured on the 2-core AMD EPYC (AVX-512) machine this project was built on,
-``calibration_default.json`` beside this module holds that measurement.
+``$SPARSEKIT_CACHE/kernels/calibration.json`` (or the file named by ``$SPARSEKIT_CALIBRATION``) atomically
+(:func:`sparsekit.fileio.atomic_write_json`). A file made on another CPU (model, cores or instruction set
+differ), or one that cannot be read or parsed or holds a bad ``rules`` entry, is ignored with one warning
+naming it; without a file, :data:`DEFAULT_RULES` apply: measured on the 2-core AMD EPYC (AVX-512) machine
+this project was built on, ``calibration_default.json`` beside this module holds that measurement.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import warnings
@@ -56,33 +58,63 @@ def machine_key() -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": active_isa()}
 
 
+def _entry(kind: str, entry) -> tuple[float, int]:
+    """One ``[min_sparsity in [0, 1], max_batch >= 0]`` pair; bools, NaN, inf, fractional batches refused."""
+    problem = ValueError(f"calibration entry for {kind!r} must be [min_sparsity in [0, 1], max_batch >= 0], "
+                         f"got {entry!r}")
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+        raise problem
+    sparsity, batch = entry
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in entry)
+    if not numbers or not 0 <= sparsity <= 1 or batch != int(batch) or batch < 0:
+        raise problem
+    return float(sparsity), int(batch)
+
+
 def check_rules(rules: dict) -> dict[str, list[tuple[float, int]]]:
     """Rules sorted by decreasing sparsity; ValueError naming the bad entry."""
+    if not isinstance(rules, dict):
+        raise ValueError(f"calibration rules must be a mapping kind -> [[min_sparsity, max_batch], ...], "
+                         f"got {type(rules).__name__}")
     out = {}
     for kind, entries in rules.items():
         if kind not in KINDS:
             raise ValueError(f"calibration kind must be one of {KINDS}, got {kind!r}")
-        parsed = []
-        for entry in entries:
-            if len(entry) != 2 or not 0 <= float(entry[0]) <= 1 or int(entry[1]) < 0:
-                raise ValueError(f"calibration entry for {kind!r} must be [min_sparsity in [0, 1], "
-                                 f"max_batch >= 0], got {entry!r}")
-            parsed.append((float(entry[0]), int(entry[1])))
-        out[kind] = sorted(parsed, reverse=True)
+        if not isinstance(entries, list):
+            raise ValueError(f"calibration rules for {kind!r} must be a list of [min_sparsity, max_batch], "
+                             f"got {entries!r}")
+        out[kind] = sorted((_entry(kind, entry) for entry in entries), reverse=True)
     return out
 
 
-def load_rules() -> dict[str, list[tuple[float, int]]]:
-    """This machine's calibrated rules if a matching file exists, else :data:`DEFAULT_RULES`."""
-    path = calibration_path()
-    if path.exists():
+def _calibrated_rules(path: Path) -> dict[str, list[tuple[float, int]]] | None:
+    """The checked rules of the calibration file ``path`` for this machine; ``None`` (with one warning
+    naming the file) when it is made elsewhere, unreadable, not JSON or holds a bad or no ``rules``."""
+    advice = "using the default dispatch rules. Run `sparsekit bench --calibrate`."
+    try:
+        if not path.exists():
+            return None
         data = json.loads(path.read_text())
-        if data.get("machine_key") == machine_key():
-            return {**check_rules(DEFAULT_RULES), **check_rules(data["rules"])}
-        warnings.warn(f"sparsekit: {path} was calibrated on {data.get('machine_key')}, not this machine "
-                      f"({machine_key()}); using the default dispatch rules. "
-                      "Run `sparsekit bench --calibrate`.",
-                      RuntimeWarning, stacklevel=2)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        if data.get("machine_key") != machine_key():
+            warnings.warn(f"sparsekit: {path} was calibrated on {data.get('machine_key')}, not this machine "
+                          f"({machine_key()}); {advice}", RuntimeWarning, stacklevel=3)
+            return None
+        if "rules" not in data:
+            raise ValueError("it has no 'rules' entry")
+        return check_rules(data["rules"])
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        warnings.warn(f"sparsekit: the calibration file {path} cannot be used ({type(error).__name__}: "
+                      f"{error}); {advice}", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def load_rules() -> dict[str, list[tuple[float, int]]]:
+    """This machine's calibrated rules if a matching, well-formed file exists, else :data:`DEFAULT_RULES`."""
+    rules = _calibrated_rules(calibration_path())
+    if rules is not None:
+        return {**check_rules(DEFAULT_RULES), **rules}
     return check_rules(DEFAULT_RULES)
 
 

@@ -13,7 +13,9 @@ and walks the input features in tiles of ``BLOCK_K`` columns. For each tile it
 4. accumulates ``acc[m, n] += Σ_k x[m, k] · W[n, k]`` in fp32: ``tl.dot`` (tensor cores) for
    ``BLOCK_M >= 16``, a broadcast multiply-and-sum (FMA) for a single row of x (batch-1 decoding).
 
-Only the compressed bytes cross the memory bus; the dense tile lives in registers/shared memory.
+Only the compressed bytes cross the memory bus; the dense tile lives in registers/shared memory. Pruned
+positions are zeros of the tile, so a NaN or Inf in x meets them as in the dense product (``0 · NaN = NaN``):
+the kernels follow the IEEE rule of :mod:`sparsekit.kernels.ops` without a special case.
 """
 
 from __future__ import annotations

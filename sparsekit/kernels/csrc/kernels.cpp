@@ -142,13 +142,16 @@ static void bitmask_rows_scalar(const Args &a, int64_t r0, int64_t r1) {
     }
 }
 
+// Column indices strictly increasing inside [0, K): a duplicate would be summed, so it is refused.
 static bool csr_row_ok(const Args &a, int64_t r) {
+    int64_t previous = -1;
     for (int64_t i = a.indptr[r]; i < a.indptr[r + 1]; i++) {
         const int64_t c = index_at(a.indices, a.it, i);
-        if (c < 0 || c >= a.K) {
+        if (c <= previous || c >= a.K) {
             flag_row(a, r);
             return false;
         }
+        previous = c;
     }
     return true;
 }
@@ -923,6 +926,27 @@ RowsFn to_dense_rows(Isa isa, const Args &a) {
     (void)isa;
     (void)a;
     return to_dense_rows_scalar;
+}
+
+// The dense fp32 weight [R, K] (int8/int4 values times their scales): the same numbers the kernels read.
+void to_dense_f32(const Args &a, float *out) {
+    std::memset(out, 0, sizeof(float) * (size_t)(a.R * a.K));
+    for (int64_t r = 0; r < a.R; r++) {
+        float *o = out + r * a.K;
+        if (a.indptr) {
+            for (int64_t i = a.indptr[r]; i < a.indptr[r + 1]; i++) o[index_at(a.indices, a.it, i)] = weight_at(a, i);
+            continue;
+        }
+        const uint8_t *mask = row_mask(a, r);
+        int64_t i = row_start(a, r);
+        for (int64_t j = 0; j < a.bpr; j++) {
+            for (unsigned byte = mask[j]; byte; byte &= byte - 1) {
+                const int64_t c = 8 * j + __builtin_ctz(byte);
+                const float w = weight_at(a, i++);
+                o[c] = a.vt >= VT_I8 ? w * scale_at(a, r, c) : w;
+            }
+        }
+    }
 }
 
 double read_sum(const float *p, int64_t n, Isa isa) {

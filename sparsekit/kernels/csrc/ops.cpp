@@ -9,10 +9,18 @@
 // best this CPU supports; "avx512", "avx2" or "scalar" force one. x_int8=True (int8/int4 values only)
 // first rounds x to int8 per batch row (x ~ s_b * xq, symmetric, like torch's dynamic int8 Linear): every path
 // then computes with that x, the AVX-512 one in int8 with vpdpbusd (VNNI).
+//
+// IEEE rule (the same on every path and in the torch fallback): a pruned weight is a stored zero, and
+// 0 * NaN = 0 * Inf = NaN, so every output is what the dense product x W^T with the decompressed weight
+// gives. Paths that skip pruned weights (the scalar and AVX2 bitmask kernels, CSR) would lose the NaN, so a
+// batch row of x holding a NaN or an infinity is found by one O(B * K) scan of x (no allocation; nothing
+// next to the O(R * K) weight stream), on every path, and that row alone is recomputed densely: at::linear(x_row, W) with W decompressed to fp32. For such a
+// row every output is non-finite (each meets the NaN, or the infinity times a weight or a zero).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -93,6 +101,17 @@ Tensor flat_x(const char *op, const Tensor &x, int64_t K) {
     return x.reshape({-1, K});
 }
 
+// fp16 scales must be finite and > 0 (a zero, negative or NaN scale is refused, not multiplied in): O(R * groups).
+void check_scale_values(const char *op, const Tensor &scales) {
+    const uint16_t *h = (const uint16_t *)scales.data_ptr();
+    const int64_t n = scales.numel(), groups = scales.size(1);
+    for (int64_t i = 0; i < n; i++) {
+        const bool nonfinite = (h[i] & 0x7c00u) == 0x7c00u, negative = h[i] & 0x8000u, zero = (h[i] & 0x7fffu) == 0;
+        TORCH_CHECK_VALUE(!(nonfinite || negative || zero), op, ": 'scales' must be finite and > 0, got ",
+                          scales.view(-1)[i].item<float>(), " at [", i / groups, ", ", i % groups, "]");
+    }
+}
+
 // Quantization parts: scales fp16 [R, K / group_size] exactly when the values are int8/uint8.
 void check_scales(const char *op, sk::Args &a, const c10::optional<Tensor> &scales, int64_t group_size) {
     const bool quant = a.vt == sk::VT_I8 || a.vt == sk::VT_I4;
@@ -107,14 +126,17 @@ void check_scales(const char *op, sk::Args &a, const c10::optional<Tensor> &scal
     check_part(op, "scales", *scales, {at::kHalf}, 2);
     TORCH_CHECK_VALUE(scales->size(0) == a.R && scales->size(1) == a.K / group_size, op, ": 'scales' must have shape [",
                       a.R, ", ", a.K / group_size, "] (rows, in_features / group_size), got ", scales->sizes());
+    check_scale_values(op, *scales);
     a.scales = (const uint16_t *)scales->data_ptr();
     a.group_size = group_size;
     a.groups = a.K / group_size;
 }
 
 void check_bitmask(const char *op, sk::Args &a, const Tensor &bitmask, int64_t in_features) {
-    TORCH_CHECK_VALUE(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+    TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1, got ", in_features);
     check_part(op, "bitmask", bitmask, {at::kByte}, 2);
+    TORCH_CHECK_VALUE(bitmask.size(0) >= 1, op, ": 'bitmask' must have >= 1 row (out_features >= 1), got shape ",
+                      bitmask.sizes());
     const int64_t bpr = (in_features + 7) / 8;
     TORCH_CHECK_VALUE(bitmask.size(1) == bpr, op, ": 'bitmask' has ", bitmask.size(1),
                       " bytes per row but in_features=", in_features, " needs ", bpr);
@@ -152,6 +174,29 @@ void run_rows(sk::RowsFn fn, const sk::Args &a) {
     });
 }
 
+// The batch rows of x [B, K] (fp32, row stride ldx) holding a NaN or an infinity (exponent bits all ones):
+// a branch-free OR over each row (compare + or, vectorised with SSE2), so finite x pays one read of x.
+std::vector<int64_t> nonfinite_rows(const float *x, int64_t B, int64_t K, int64_t ldx) {
+    std::vector<int64_t> rows;
+    for (int64_t b = 0; b < B; b++) {
+        const uint32_t *xb = (const uint32_t *)(x + b * ldx);
+        uint32_t nonfinite = 0;
+        for (int64_t k = 0; k < K; k++) nonfinite |= (uint32_t)((xb[k] & 0x7f800000u) == 0x7f800000u);
+        if (nonfinite) rows.push_back(b);
+    }
+    return rows;
+}
+
+// The IEEE rule (top of file): the listed rows of y [B, R] become the dense product of those rows of x (fp32,
+// [B, >= K]) with the decompressed weight of `a`.
+void dense_rows(Tensor &y, const Tensor &x, const std::vector<int64_t> &rows, const sk::Args &a) {
+    if (rows.empty()) return;
+    Tensor W = at::empty({a.R, a.K}, y.options());
+    sk::to_dense_f32(a, W.data_ptr<float>());
+    const Tensor index = at::tensor(rows, y.options().dtype(at::kLong));
+    y.index_copy_(0, index, at::linear(x.narrow(1, 0, a.K).index_select(0, index), W));
+}
+
 // y [B, R] fp32 of the bitmask kernels; x padded to whole 64-column steps (zeros never meet a kept weight).
 Tensor bitmask_matmul(const char *op, sk::Args &a, const Tensor &x, const std::string &isa_name,
                       const char *length_part, bool x_int8) {
@@ -163,6 +208,7 @@ Tensor bitmask_matmul(const char *op, sk::Args &a, const Tensor &x, const std::s
     if (a.B == 0 || a.R == 0) return y;
     Tensor xp = at::zeros({a.B, a.ldx}, x.options().dtype(at::kFloat));
     xp.narrow(1, 0, a.K).copy_(x2);
+    const std::vector<int64_t> nonfinite = nonfinite_rows(xp.data_ptr<float>(), a.B, a.K, a.ldx);
     Tensor xq, xscale, xsum;
     if (x_int8) {  // x ~ xscale * xq per batch row, symmetric; every path computes with this x
         TORCH_CHECK_VALUE(a.vt == sk::VT_I8 || a.vt == sk::VT_I4, op,
@@ -210,6 +256,7 @@ Tensor bitmask_matmul(const char *op, sk::Args &a, const Tensor &x, const std::s
     TORCH_CHECK_VALUE(r < 0, op, ": row ", r, " of 'bitmask' keeps ", mask_count(a, r), " values but '", length_part,
                       "' give", " it ", a.row_offsets ? a.row_offsets[r + 1] - a.row_offsets[r] : a.row_count,
                       " (the parts disagree)");
+    dense_rows(y, xp, nonfinite, a);  // x_int8: xp is the rounded x, as the reference rounds it
     return y;
 }
 
@@ -279,6 +326,8 @@ Tensor dense_linear(const Tensor &x, const Tensor &weight, const c10::optional<T
                     c10::string_view isa, bool x_int8) {
     const char *op = "sparsekit.dense_linear";
     check_part(op, "weight", weight, {at::kFloat, at::kBFloat16, at::kHalf, at::kChar}, 2);
+    TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, op,
+                      ": 'weight' must be [out_features >= 1, in_features >= 1], got shape ", weight.sizes());
     sk::Args a;
     a.R = weight.size(0);
     a.K = weight.size(1);
@@ -302,8 +351,9 @@ Tensor csr_linear(const Tensor &x, const Tensor &indptr, const Tensor &indices, 
     check_part(op, "indptr", indptr, {at::kLong}, 1);
     check_part(op, "indices", indices, {at::kInt, at::kUInt16}, 1);
     check_part(op, "values", values, {at::kFloat, at::kBFloat16, at::kHalf}, 1);
-    TORCH_CHECK_VALUE(indptr.numel() >= 1, op, ": 'indptr' must have rows + 1 >= 1 entries, got 0");
-    TORCH_CHECK_VALUE(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+    TORCH_CHECK_VALUE(indptr.numel() >= 2, op, ": 'indptr' must have rows + 1 >= 2 entries (out_features >= 1), got ",
+                      indptr.numel());
+    TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1, got ", in_features);
     sk::Args a;
     a.R = indptr.numel() - 1;
     a.K = in_features;
@@ -321,6 +371,7 @@ Tensor csr_linear(const Tensor &x, const Tensor &indptr, const Tensor &indices, 
     Tensor y = at::empty({a.B, a.R}, x.options().dtype(at::kFloat));
     if (a.B == 0 || a.R == 0) return shaped(y, x, a.R);
     const Tensor xf = x2.to(at::kFloat).contiguous();
+    const std::vector<int64_t> nonfinite = nonfinite_rows(xf.data_ptr<float>(), a.B, a.K, a.K);
     a.indptr = ptr;
     a.indices = indices.data_ptr();
     a.it = indices.scalar_type() == at::kInt ? sk::IT_I32 : sk::IT_U16;
@@ -350,7 +401,18 @@ Tensor csr_linear(const Tensor &x, const Tensor &indptr, const Tensor &indices, 
         }
     }
     const int64_t r = bad.load();
-    TORCH_CHECK_VALUE(r < 0, op, ": row ", r, " of 'indices' has a column index outside [0, in_features=", in_features, ")");
+    if (r >= 0) {  // name the first bad index of the row the kernel flagged
+        int64_t previous = -1;
+        for (int64_t i = ptr[r]; i < ptr[r + 1]; i++) {
+            const int64_t c = a.it == sk::IT_I32 ? ((const int32_t *)a.indices)[i] : ((const uint16_t *)a.indices)[i];
+            TORCH_CHECK_VALUE(c >= 0 && c < in_features, op, ": row ", r,
+                              " of 'indices' has a column index outside [0, in_features=", in_features, "): ", c);
+            TORCH_CHECK_VALUE(c > previous, op, ": row ", r, " of 'indices' must be strictly increasing (no duplicate "
+                              "or unsorted columns; a duplicate would be summed), got column ", c, " after ", previous);
+            previous = c;
+        }
+    }
+    dense_rows(y, xf, nonfinite, a);
     return shaped(y, x, a.R);
 }
 
@@ -359,7 +421,7 @@ Tensor bitmask_to_dense(const Tensor &bitmask, const Tensor &values, const c10::
     const char *op = "sparsekit.bitmask_to_dense";
     sk::Args a;
     check_bitmask(op, a, bitmask, in_features);
-    check_part(op, "values", values, {at::kFloat, at::kBFloat16, at::kHalf}, -1);
+    check_part(op, "values", values, {at::kFloat, at::kBFloat16, at::kHalf}, row_offsets.has_value() ? 1 : 2);
     a.vt = value_type(values);
     if (row_offsets.has_value()) {
         check_part(op, "row_offsets", *row_offsets, {at::kLong}, 1);

@@ -56,12 +56,15 @@ int64_t value_size_bits(int vt);
 bool quant_vector_ok(const Args &a, int lanes);
 
 // Row kernels for a range of output rows [r0, r1). Each validates its rows (mask popcount against the row
-// length, CSR indices against K) before reading values and records a bad row instead of reading past them.
+// length, CSR indices strictly increasing in [0, K)) before reading values and records a bad row instead of
+// reading past them.
 RowsFn bitmask_rows(Isa isa, const Args &a);
 // int8 x (a.xq) against int8/int4 values with vpdpbusd (AVX-512 VNNI); null when not available for a.
 RowsFn vnni_rows(Isa isa, const Args &a);
 RowsFn csr_rows(Isa isa, const Args &a);
 RowsFn to_dense_rows(Isa isa, const Args &a);
+// The dense fp32 weight [R, K] of a validated bitmask/N:M/dense (scales applied) or CSR (a.indptr) weight.
+void to_dense_f32(const Args &a, float *out);
 double read_sum(const float *p, int64_t n, Isa isa);
 // The AVX2 batched bitmask kernel reads x blocked per 8 batch rows: [chunk][byte j][row][8] (see there).
 int64_t blocked_x_floats(const Args &a);
