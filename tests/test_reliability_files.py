@@ -286,11 +286,26 @@ def teacher_forever(path):
 cli.main(PRUNE + [scratch])  # imports everything the children use, before they are forked
 task.teacher("smoke", progress=False)
 print(json.dumps({"ready": str(task.teacher_path("smoke"))}), file=reply, flush=True)
+def die_at_file_step(k):  # SIGKILL this process at its k-th fsync or rename: a point in a save, not a time
+    count = [0]
+
+    def step(real):
+        def wrapped(*args):
+            count[0] += 1
+            if count[0] == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args)
+        return wrapped
+
+    os.fsync, os.replace = step(os.fsync), step(os.replace)
+
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
     if pid == 0:
         os.dup2(1, 2)
+        if job.get("step"):
+            die_at_file_step(job["step"])
         try:
             if job["job"] == "prune":
                 prune_forever(job["out"])
@@ -300,9 +315,14 @@ for line in sys.stdin:
             with open(errors, "a") as f:
                 f.write(traceback.format_exc())
         os._exit(1)
-    time.sleep(job["delay"])
-    os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + (job["delay"] or 120)
+    done, status = os.waitpid(pid, os.WNOHANG)
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+        done, status = os.waitpid(pid, os.WNOHANG)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
     print(json.dumps({"killed": os.WIFSIGNALED(status)}), file=reply, flush=True)
 """
 
@@ -323,9 +343,11 @@ def _check_after_kill(final: Path, required: tuple[str, ...]) -> bool:
 
 
 def test_sigkill_at_random_points_never_leaves_anything_that_is_loaded_or_served(tmp_path, monkeypatch):
-    """22 processes killed at seeded random delays while they prune-and-save or train-and-cache in a loop
-    (each a fork of one worker that imported everything once). After every kill the final path is absent
-    or verifies; the next run cleans the temp siblings and serves or rebuilds a complete entry."""
+    """22 processes killed while they prune-and-save or train-and-cache in a loop (each a fork of one worker
+    that imported everything once): half at seeded random delays, half at a seeded random fsync or rename
+    of a save, so that every one of those lands inside a write whatever the machine's load. After every
+    kill the final path is absent or verifies; the next run cleans the temp siblings and serves or rebuilds a
+    complete entry."""
     model = save_tiny_model(tmp_path / "dense", hidden=64)  # larger files: kills land inside the saves
     cache, errors = tmp_path / "cache", tmp_path / "errors.txt"
     env = {**os.environ, "SPARSEKIT_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -341,23 +363,27 @@ def test_sigkill_at_random_points_never_leaves_anything_that_is_loaded_or_served
         mid_write = []
         for trial in range(22):
             job = "prune" if trial % 2 == 0 else "teacher"
-            delay = rng.uniform(0.2, 1.6)
-            worker.stdin.write(json.dumps({"job": job, "out": str(out), "delay": delay}) + "\n")
+            # odd pairs: killed at a random time; even pairs: at a random fsync/rename inside the save
+            timed = trial % 4 < 2
+            delay, step = (rng.uniform(0.2, 1.6), None) if timed else (None, rng.randint(1, 4))
+            worker.stdin.write(json.dumps({"job": job, "out": str(out), "delay": delay, "step": step}) + "\n")
             worker.stdin.flush()
             reply = json.loads(worker.stdout.readline() or "{}")
             assert reply.get("killed"), errors.read_text() if errors.exists() else reply
             if job == "prune":
-                mid_write.append(_check_after_kill(out, ("model.safetensors", "prune_report.json",
-                                                         "tokenizer.json")))
+                left_temp = _check_after_kill(out, ("model.safetensors", "prune_report.json",
+                                                    "tokenizer.json"))
             else:
-                mid_write.append(_check_after_kill(teacher, ("model.safetensors", "meta.json",
-                                                             "tokenizer/tokenizer.json")))
+                left_temp = _check_after_kill(teacher, ("model.safetensors", "meta.json",
+                                                        "tokenizer/tokenizer.json"))
+            mid_write.append((timed, left_temp))
     finally:
         worker.stdin.close()
         worker.wait(timeout=60)
     assert not errors.exists(), errors.read_text()
-    print("kills that left a temp sibling:", mid_write)
-    assert sum(mid_write) >= len(mid_write) // 4, mid_write  # many kills landed inside a save
+    print("kills (timed, left a temp sibling):", mid_write)
+    # every kill at a file step landed inside a save (the timed ones land wherever the clock says)
+    assert all(left for timed, left in mid_write if not timed), mid_write
     # the next runs: temps of the killed writers are cleaned; the outputs are complete
     assert prune(model, out, "--overwrite") == 0
     assert fileio.is_complete(out) and not _temps(tmp_path, "pruned")
