@@ -422,7 +422,8 @@ class RecoveryExperiment:
     replaces the task's cached teacher (same architecture). ``stream``: one pattern at a time (default: at
     paper scale); ``save_dir``: each fine-tuned model is saved there (a folder per run, safetensors);
     ``save``: write the results and the CE+SquareHead students into the cache at the end of :meth:`run`
-    (:mod:`sparsekit.distill.store`; students only when not streaming, which frees every model)."""
+    (:mod:`sparsekit.distill.store`; students only when not streaming, which frees every model; nothing
+    for a sharded run, which saves through ``save_dir``)."""
 
     def __init__(self, task_name: str, scale: str = "book", config: RecoveryConfig | None = None,
                  progress: bool = True, teacher=None, model=None, dataset=None, stream: bool | None = None,
@@ -508,7 +509,11 @@ class RecoveryExperiment:
                                "eval_s": time.perf_counter() - start})
 
     def student(self, pattern: str, loss: str, seed: int, size: int):
-        """The fine-tuned model of one run (fine-tuned now if it has not been; ``None`` once freed)."""
+        """The fine-tuned model of one run (fine-tuned now if it has not been, or again, with the same seed,
+        if :meth:`run` freed it after evaluating it)."""
+        key = (pattern, loss, seed, size)
+        if key in self._models and self._models[key].model is None:
+            del self._models[key]
         self.fine_tune(pattern, loss, seed, size, ())
         return self._models[(pattern, loss, seed, size)].model
 
@@ -566,7 +571,9 @@ class RecoveryExperiment:
         from sparsekit.distill import store
 
         self.fine_tune(pattern, loss, seed, size, ("test",))
-        kept = self.save and not self.stream and loss == store.SAVED_LOSS and seed == self.config.seeds[0]
+        config = self.config
+        kept = (self.save and not self.stream and not config.fsdp and loss == store.SAVED_LOSS
+                and seed == config.seeds[0])
         if not kept:
             self._models[(pattern, loss, seed, size)].model = None  # evaluated on test: never needed again
 
@@ -602,7 +609,7 @@ class RecoveryExperiment:
                                   config=config, runs=runs, one_shot=pd.DataFrame(one_shot),
                                   reference=reference, curves=dict(self._curves), train_size=self._size(size),
                                   size_key=size, seconds=seconds)
-        if self.save:
+        if self.save and not config.fsdp:  # a sharded run saves each model through save_dir instead
             self.save_to_cache(results)
         return results
 
