@@ -19,8 +19,11 @@ cache shared by a group unreadable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -34,6 +37,37 @@ _TMP_MARK = ".tmp-"
 
 class IncompleteOutputError(ValueError):
     """A folder or file that was not written completely, or was altered after it was written."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (a full disk, a quota, a read-only file system); nothing was left behind.
+
+    Keeps the ``errno`` of the failure; the message names the destination and says that it is untouched.
+    """
+
+
+def _write_failed(final: Path, error: OSError) -> OutputWriteError:
+    reason = error.strerror or str(error)
+    return OutputWriteError(error.errno, f"writing {str(final)!r} failed: {reason}"
+                            f"{f' ({error.filename})' if error.filename else ''}; nothing was written there "
+                            "and the temp entry was removed")
+
+
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN/Infinity).
+
+    Dicts, lists and tuples are walked; other real numbers (numpy floats) become Python floats. A reader of
+    the JSON sees ``null`` where a measurement was not a finite number (e.g. a magnitude pruning's
+    ``rel_error`` without calibration data, or a diverged validation loss).
+    """
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, (bool, numbers.Integral)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
 
 
 def _umask() -> int:
@@ -118,9 +152,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         _follow_umask(Path(tmp), is_dir=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not isinstance(error, OutputWriteError):
+            raise _write_failed(path, error) from error
         raise
     _fsync_dir(path.parent)
     return path
@@ -263,15 +299,34 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         yield tmp
         _follow_umask_tree(tmp)
         write_manifest(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
+        _move_into_place(tmp, final, overwrite)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, (OutputWriteError, FileExistsError)):
+            raise _write_failed(final, error) from error
         raise
+
+
+def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename the completed ``tmp`` onto ``final``; an existing ``final`` is swapped out, then removed.
+
+    Another process may complete the same ``final`` between the check and the rename (two runs building
+    the same cache entry): the rename then fails with ``ENOTEMPTY``/``EEXIST`` and the swap is done
+    instead (with ``overwrite``), so the last completed folder wins and no reader sees a half-built one.
+    """
+    if not final.exists():
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+            if not overwrite:
+                raise FileExistsError(error.errno, f"{str(final)!r} was created by another process while "
+                                      "this one wrote it; pass overwrite=True to replace it") from error
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
+    os.rmdir(old)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
