@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,22 +98,25 @@ def _replaceable(folder: Path) -> bool:
             or (folder / "config.json").is_file())
 
 
-def check_out_folder(out: Path, inputs: dict[str, str | None], overwrite: bool) -> None:
+def check_out_folder(out: Path, inputs: dict[str, str | os.PathLike | None], overwrite: bool) -> None:
     """``--out`` must not be a file, must be creatable, and is refused when it exists or equals (or lies
     inside) one of the input folders ``inputs`` (argument -> path), unless ``overwrite``. A folder that
-    *contains* an input (``--out .``, ``--out model/..``) is refused even with ``overwrite`` (replacing it
+    *contains* an input folder or file (``--out .``, ``--out model/..``, ``--out`` holding the ``--data``
+    file) is refused even with ``overwrite`` (replacing it
     would delete the input), and ``overwrite`` replaces only an empty, sparsekit-written or model folder."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path")
     target = out.expanduser().resolve()
     for argument, source in inputs.items():
-        if source is None or not Path(source).expanduser().is_dir():
+        if source is None or not Path(source).expanduser().exists():
             continue
         folder = Path(source).expanduser().resolve()
         if target in folder.parents:
-            raise ValueError(f"--out {str(out)!r} contains the input folder of {argument} ({source!r}); "
+            raise ValueError(f"--out {str(out)!r} contains the input of {argument} ({str(source)!r}); "
                              "replacing it would delete the input, even with --overwrite: pass another "
                              "--out")
+        if not folder.is_dir():  # an input file (--calib, --data): only containing it is refused
+            continue
         if not overwrite and (target == folder or folder in target.parents):
             where = "is" if target == folder else "lies inside"
             raise ValueError(f"--out {str(out)!r} {where} the input folder of {argument} ({source!r}); "
@@ -417,7 +421,9 @@ def _save_compressed_tensors(model, quantized_report, tokenizer, out: Path, over
 
 def _check_prune_paths(args) -> None:
     """Every path and device of ``sparsekit prune``, checked before the model is loaded."""
-    check_out_folder(args.out, {"model": args.model, "--tokenizer": args.tokenizer}, args.overwrite)
+    check_out_folder(args.out, {"model": args.model, "--tokenizer": args.tokenizer,
+                                "--calib": args.calib if args.calib and Path(args.calib).is_file() else None},
+                     args.overwrite)
     check_model_source(args.model, "model")
     if args.tokenizer is not None:
         check_model_source(args.tokenizer, "--tokenizer")
@@ -547,7 +553,8 @@ def _data_file_rows(path: Path, student_dir: str, seq_len: int) -> list[dict]:
 
 def _check_finetune_paths(args) -> None:
     """Every path of ``sparsekit finetune``, checked before any model is loaded."""
-    check_out_folder(args.out, {"student": args.student, "--teacher": args.teacher}, args.overwrite)
+    check_out_folder(args.out, {"student": args.student, "--teacher": args.teacher, "--data": args.data},
+                     args.overwrite)
     check_model_source(args.student, "student")
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")

@@ -603,6 +603,27 @@ def test_overwrite_never_deletes_an_input_or_a_folder_of_other_files(saved_model
     assert keep is None or keep.read_text() == "x"
 
 
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_overwrite_never_deletes_the_calibration_or_data_file_inside_out(saved_model, tmp_path, capsys,
+                                                                       command):
+    """``--out work --overwrite`` where ``work`` (an earlier output) holds the --calib/--data file."""
+    import shutil
+
+    work = shutil.copytree(saved_model / "llama", tmp_path / "work")
+    if command == "prune":
+        source = _bytes_file(work, "calib.txt", TEXT.encode())
+        argv = ["prune", str(saved_model / "llama"), "--method", "wanda", "--calib", str(source), "--seq-len",
+                "8", "--n-calib", "2"]
+    else:
+        source = _bytes_file(work, "rows.jsonl", b'{"input_ids": [1, 2, 3, 4]}\n' * 4)
+        argv = ["finetune", str(saved_model / "llama"), "--data", str(source), "--loss", "CE", "--steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(work), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--out" in err and ("--calib" in err or "--data" in err), err
+    assert source.is_file()
+
+
 def test_out_symlink_or_trailing_slash_onto_the_input_is_refused(saved_model, tmp_path, capsys):
     """Already refused (resolved paths): a symlink to the model and ``model/`` are the model."""
     (tmp_path / "link").symlink_to(saved_model / "llama", target_is_directory=True)
@@ -729,3 +750,24 @@ def test_the_audit_tables_are_large_and_have_no_duplicates():
     names = [case[0] for case in CASES + NUMBER_CASES + AUDIT_CASES + AUDIT_CLI_CASES + AUDIT_OUT_CASES]
     assert len(AUDIT_CASES) + len(AUDIT_CLI_CASES) + len(AUDIT_OUT_CASES) >= 20
     assert len(set(names)) == len(names)
+
+
+def test_cached_speech_features_are_served_only_when_their_sha256_matches(tmp_path):
+    """A flipped bit in the cached features (or a file without its digest) is rebuilt, never served."""
+    from sparsekit.tasks.speech import features_file, read_features
+
+    feats = torch.randn(3, 4, 5).half()
+    path = tmp_path / "features.safetensors"
+    path.write_bytes(features_file(feats))
+    assert torch.equal(read_features(path), feats)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last values: safetensors still reads the file
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="features.safetensors.*sha256 does not match"):
+        assert read_features(path) is None
+    from safetensors.torch import save
+
+    path.write_bytes(save({"input_features": feats}))  # written by an older version: no digest
+    with pytest.warns(UserWarning, match="rebuilt"):
+        assert read_features(path) is None
+    assert read_features(tmp_path / "missing.safetensors") is None
