@@ -521,8 +521,10 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train LoRA adapters of this rank, merged through the mask at the end")
     parser.add_argument("--bf16", action="store_true",
                         help="mixed precision: forward and backward under bf16 autocast, fp32 weights")
-    parser.add_argument("--train-size", type=int, default=None, help="use the first N training rows")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window of a 'text' data file")
+    parser.add_argument("--train-size", type=_number("--train-size", "integer", low=1), default=None,
+                        help="use the first N training rows")
+    parser.add_argument("--seq-len", type=_number("--seq-len", "integer", low=1), default=512,
+                        help="tokens per window of a 'text' data file")
     parser.add_argument("--scale", default="book", choices=("smoke", "book", "paper"), help="task scale")
     parser.add_argument("--eval-limit", type=int, default=None, help="validation rows to evaluate (a task)")
     parser.add_argument("--seed", type=int, default=0)

@@ -562,6 +562,12 @@ AUDIT_CLI_CASES = [
      lambda r, t: ["finetune", str(r / "llama"), "--data",
                    str(_bytes_file(t, "d.jsonl", b'{"text": "\xff"}')), "--loss", "CE", "--steps", "1"], 2,
      "--data", "line 1"),
+    ("finetune text windows of --seq-len 0",
+     lambda r, t: ["finetune", str(r / "llama"), "--data", str(_bytes_file(t, "d.jsonl", b'{"text": "w"}')),
+                   "--loss", "CE", "--steps", "1", "--seq-len", "0"], 2, "--seq-len", "positive integer"),
+    ("finetune text windows of --seq-len -3",
+     lambda r, t: ["finetune", str(r / "llama"), "--data", str(_bytes_file(t, "d.jsonl", b'{"text": "w"}')),
+                   "--loss", "CE", "--steps", "1", "--seq-len", "-3"], 2, "--seq-len", "got -3"),
 ]
 
 
