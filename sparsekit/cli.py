@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
-    except fileio.OutputWriteError as error:
+    except (fileio.OutputWriteError, FileExistsError) as error:  # disk full; --out made by another run
         parser.exit(EXIT_WRITE, f"sparsekit {args.command}: error: {error}\n")
     except FloatingPointError as error:
         from sparsekit.distill.guards import NonFiniteLossError

@@ -315,6 +315,8 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
     the same cache entry): the rename then fails with ``ENOTEMPTY``/``EEXIST`` and the swap is done
     instead (with ``overwrite``), so the last completed folder wins and no reader sees a half-built one.
     """
+    raced = FileExistsError(errno.EEXIST, f"{str(final)!r} was created by another process while this one "
+                            "wrote it; it is kept: pass overwrite=True (or --overwrite) to replace it")
     if not final.exists():
         try:
             os.replace(tmp, final)
@@ -323,8 +325,9 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
                 raise
             if not overwrite:
-                raise FileExistsError(error.errno, f"{str(final)!r} was created by another process while "
-                                      "this one wrote it; pass overwrite=True to replace it") from error
+                raise raced from error
+    elif not overwrite:  # it appeared while this folder was written (it was absent at the start)
+        raise raced
     old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
     os.rmdir(old)
     os.replace(final, old)

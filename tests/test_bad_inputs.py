@@ -739,6 +739,16 @@ def test_two_writers_of_one_folder_last_completed_wins_and_none_is_half(tmp_path
             (mine / "model.safetensors").write_text("mine")
     assert (final / "model.safetensors").read_text() == "other" and fileio.is_complete(final)
     assert [p.name for p in final.parent.iterdir()] == [final.name]
+    # the other run finished while this one was still writing (not at the rename): kept, not swapped
+    shutil.rmtree(final)
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    with pytest.raises(FileExistsError, match="another process"):
+        with fileio.staged_directory(final) as mine:
+            with fileio.staged_directory(final) as other:
+                (other / "model.safetensors").write_text("other")
+            (mine / "model.safetensors").write_text("mine")
+    assert (final / "model.safetensors").read_text() == "other" and fileio.is_complete(final)
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
 
 
 def test_cache_and_bench_json_records_write_null_for_nan(tmp_path):
@@ -777,3 +787,26 @@ def test_cached_speech_features_are_served_only_when_their_sha256_matches(tmp_pa
     with pytest.warns(UserWarning, match="rebuilt"):
         assert read_features(path) is None
     assert read_features(tmp_path / "missing.safetensors") is None
+
+
+def test_a_second_prune_run_to_the_same_out_keeps_the_first_and_exits_naming_it(saved_model, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Two runs with one --out (no --overwrite): the one that finishes second does not replace the other's
+    folder (nor crash with a traceback); it exits 5 naming the folder, and leaves no temp behind."""
+    from transformers import PreTrainedModel
+
+    out, real_save = tmp_path / "out", PreTrainedModel.save_pretrained
+
+    def other_run_finishes_first(self, folder, **kwargs):
+        if not out.exists():
+            with fileio.staged_directory(out) as other:
+                (other / "config.json").write_text("{}")
+        return real_save(self, folder, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", other_run_finishes_first)
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(saved_model / "llama"), "--method", "magnitude", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 5 and str(out) in err and "Traceback" not in err, err
+    assert (out / "config.json").read_text() == "{}" and fileio.is_complete(out)
+    assert os.listdir(tmp_path) == ["out"]
