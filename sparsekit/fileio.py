@@ -2,7 +2,8 @@
 
 One rule for every file and folder the project writes (models, teachers, calibration, results JSON):
 
-1. the content goes to a temp entry in the *same* directory as its destination (``.<name>.tmp-<pid>-<rand>``),
+1. the content goes to a temp entry in the *same* directory as its destination
+   (``.<name>.tmp-<pid>@<host>-<rand>``),
 2. every file is flushed and ``fsync``-ed,
 3. a folder gets its completion record last: ``manifest.json`` with the sha256 and size of every file,
 4. the temp entry is renamed onto the destination (``os.replace``, atomic within a file system), and the
@@ -11,9 +12,10 @@ One rule for every file and folder the project writes (models, teachers, calibra
 A reader calls :func:`verify_manifest` and gets :class:`IncompleteOutputError` (a ``ValueError`` that names
 the folder and the file) for anything missing, truncated, altered or never completed. A process killed at any
 point leaves either the old destination or the new one, plus at most a temp entry, which
-:func:`clean_stale_temps` removes on the next run (only entries whose writing process is gone). Permissions
-follow the umask, as for any file created with ``open``: ``tempfile`` would otherwise leave them 0600 and a
-cache shared by a group unreadable.
+:func:`clean_stale_temps` removes on the next run (only entries whose writing process is gone, and only
+those written from this machine: a folder shared over a network file system holds other machines' temps).
+Permissions follow the umask, as for any file created with ``open``: ``tempfile`` would otherwise leave them
+0600 and a cache shared by a group unreadable.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import numbers
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,8 +90,13 @@ def _follow_umask_tree(directory: Path) -> None:
             _follow_umask(path, is_dir=path.is_dir())
 
 
+def _host() -> str:
+    """This machine's name, letters and digits only (it marks the temp entries this machine writes)."""
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
 def _temp_prefix(final: Path) -> str:
-    return f".{final.name}{_TMP_MARK}{os.getpid()}-"
+    return f".{final.name}{_TMP_MARK}{os.getpid()}@{_host()}-"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -252,7 +260,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Remove temp entries (``.<name>.tmp-<pid>-…``) in ``directory`` whose writing process no longer runs."""
+    """Remove temp entries (``.<name>.tmp-<pid>@<host>-…``) in ``directory`` written from this machine by
+    a process that no longer runs (the older form ``.<name>.tmp-<pid>-…`` counts as this machine's)."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
@@ -260,7 +269,9 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     for entry in directory.iterdir():
         if not entry.name.startswith(".") or _TMP_MARK not in entry.name:
             continue
-        pid_text = entry.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
+        pid_text, _, host = entry.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0].partition("@")
+        if host and host != _host():  # written from another machine sharing this folder: its pid is not ours
+            continue
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         if entry.is_dir() and not entry.is_symlink():

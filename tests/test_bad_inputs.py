@@ -810,3 +810,18 @@ def test_a_second_prune_run_to_the_same_out_keeps_the_first_and_exits_naming_it(
     assert info.value.code == 5 and str(out) in err and "Traceback" not in err, err
     assert (out / "config.json").read_text() == "{}" and fileio.is_complete(out)
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_temps_of_another_machine_sharing_the_folder_are_not_cleaned(tmp_path, monkeypatch):
+    """A cache on a network file system shared by two machines: machine A's next run must not delete the temp
+    of a write still in progress on machine B (B's pid means nothing on A); A's own dead temps are removed."""
+    monkeypatch.setattr(fileio, "_host", lambda: "machineB")
+    with fileio.staged_directory(tmp_path / "entry") as writing_on_b:
+        monkeypatch.setattr(fileio, "_host", lambda: "machineA")
+        monkeypatch.setattr(fileio, "_pid_alive", lambda pid: False)  # no such pid on machine A
+        dead_on_a = tmp_path / f".other{fileio._TMP_MARK}123@machineA-x"
+        dead_on_a.mkdir()
+        assert fileio.clean_stale_temps(tmp_path) == [dead_on_a]
+        assert writing_on_b.is_dir()
+        (writing_on_b / "model.safetensors").write_text("b")
+    assert fileio.is_complete(tmp_path / "entry")
