@@ -466,11 +466,18 @@ def run_prune(args) -> int:
         "quant": quant.to_dict() if quant is not None else None,
     }
     if args.format == "compressed-tensors":
-        saved = _save_compressed_tensors(model, report if quant is not None else None, tokenizer, args.out,
-                                         args.overwrite)
+        with fileio.staged_directory(args.out, overwrite=args.overwrite) as staged:
+            # one folder, one manifest: the report is inside before the folder appears, so a run killed
+            # between the weights and the report leaves no "complete" output without its report
+            inner = _save_compressed_tensors(model, report if quant is not None else None, tokenizer,
+                                             staged / "compressed", False)
+            (inner / fileio.MANIFEST).unlink()
+            for entry in inner.iterdir():
+                os.replace(entry, staged / entry.name)
+            inner.rmdir()
+            (staged / "prune_report.json").write_text(_standard_json(record))
+        saved = args.out
         report = report.drop(columns="quantized") if quant is not None else report
-        fileio.atomic_write_text(args.out / "prune_report.json", _standard_json(record))
-        fileio.write_manifest(args.out)  # the report joins the completed folder's record
     else:
         with fileio.staged_directory(args.out, overwrite=args.overwrite) as staged:
             if quant is not None:

@@ -825,3 +825,26 @@ def test_temps_of_another_machine_sharing_the_folder_are_not_cleaned(tmp_path, m
         assert writing_on_b.is_dir()
         (writing_on_b / "model.safetensors").write_text("b")
     assert fileio.is_complete(tmp_path / "entry")
+
+
+def test_compressed_tensors_output_is_never_complete_without_its_report(saved_model, tmp_path, monkeypatch):
+    """A run killed (here: interrupted) after the compressed weights, before prune_report.json, leaves no
+    folder that verifies as a complete output; an uninterrupted run has one manifest covering the report."""
+    import sparsekit.cli
+
+    real_json = sparsekit.cli._standard_json
+
+    def killed(record):
+        raise KeyboardInterrupt
+
+    argv = ["prune", str(saved_model / "llama"), "--method", "magnitude", "--format", "compressed-tensors",
+            "--quiet", "--out"]
+    monkeypatch.setattr(sparsekit.cli, "_standard_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, str(tmp_path / "ct")])
+    assert not fileio.is_complete(tmp_path / "ct") and os.listdir(tmp_path) == []
+    monkeypatch.setattr(sparsekit.cli, "_standard_json", real_json)
+    assert main([*argv, str(tmp_path / "ct")]) == 0
+    manifest = fileio.verify_manifest(tmp_path / "ct")
+    assert {"prune_report.json", "config.json"} <= set(manifest["files"])
+    assert "compressed" not in os.listdir(tmp_path / "ct")
