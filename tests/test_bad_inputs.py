@@ -848,3 +848,27 @@ def test_compressed_tensors_output_is_never_complete_without_its_report(saved_mo
     manifest = fileio.verify_manifest(tmp_path / "ct")
     assert {"prune_report.json", "config.json"} <= set(manifest["files"])
     assert "compressed" not in os.listdir(tmp_path / "ct")
+
+
+def test_a_full_disk_while_updating_the_readme_leaves_it_whole(tmp_path, monkeypatch):
+    """The book driver rewrites README.md between its markers: a failed write must not truncate it."""
+    from sparsekit import book
+
+    readme = tmp_path / "README.md"
+    original = f"intro\n{book.README_MARKERS[0]}\nold\n{book.README_MARKERS[1]}\noutro\n"
+    readme.write_text(original)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    real_write = Path.write_text
+
+    def write_half(self, text, *args, **kwargs):  # the non-atomic path: the disk fills halfway
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+    with pytest.raises(OSError, match="No space left"):
+        book.update_readme("new results", readme)
+    assert readme.read_bytes().decode() == original and os.listdir(tmp_path) == ["README.md"]
