@@ -109,7 +109,8 @@ def machine_info(bandwidth_GBps: float | None = None) -> dict:
 def write_json(result: dict, path) -> Path:
     """Write a benchmark result (with its machine label) as JSON atomically
     (:func:`sparsekit.fileio.atomic_write_text`); returns the path."""
-    return fileio.atomic_write_text(Path(path), json.dumps(result, indent=1, default=str))
+    return fileio.atomic_write_text(Path(path), json.dumps(fileio.json_safe(result), indent=1, default=str,
+                                                           allow_nan=False))
 
 
 def read_probe(buffer: torch.Tensor) -> float:

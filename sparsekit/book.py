@@ -358,7 +358,7 @@ def update_readme_block(block: str, markers: tuple[str, str], readme: Path = ROO
         return False
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
-    readme.write_text(head + block + tail)
+    fileio.atomic_write_text(readme, head + block + tail)  # a killed or full-disk run never truncates it
     return True
 
 

@@ -6,7 +6,8 @@ Hugging Face model (a local path, or a hub id when online) one shot, saves it wi
 ``--bits 8|4 [--group-size G] [--quant-method gptq|rtn]`` also quantizes every pruned layer (jointly
 inside SparseGPT) and writes its compressed int8/int4 weights to ``DIR/quantized_weights.safetensors``
 (``load_sparse``). Exit codes: 2 for bad arguments, 3 when a layer's calibration statistics are unusable
-(``HessianError``), 4 when fine-tuning stops at a non-finite loss or gradient norm (nothing is saved).
+(``HessianError``), 4 when fine-tuning stops at a non-finite loss or gradient norm (nothing is saved),
+5 when the output cannot be written (a full disk: the partial output is removed, the message names it).
 ``sparsekit finetune STUDENT --teacher DIR (--task T | --data FILE) --out DIR
 (--steps N | --epochs E)`` fine-tunes a pruned model with its mask kept (loss mix, optional LoRA) and
 writes it (safetensors) with ``metrics.json``. ``sparsekit book ...`` runs the book driver
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,22 +92,42 @@ def check_model_source(value: str, argument: str) -> None:
                          f"hub id: no such folder, and {reason}")
 
 
-def check_out_folder(out: Path, inputs: dict[str, str | None], overwrite: bool) -> None:
+def _replaceable(folder: Path) -> bool:
+    """Whether ``--overwrite`` may replace the existing ``folder``: it is empty, a sparsekit output (has a
+    manifest) or a model folder (has ``config.json``), never a folder of other files (``--out .``)."""
+    return (not any(folder.iterdir()) or (folder / fileio.MANIFEST).is_file()
+            or (folder / "config.json").is_file())
+
+
+def check_out_folder(out: Path, inputs: dict[str, str | os.PathLike | None], overwrite: bool) -> None:
     """``--out`` must not be a file, must be creatable, and is refused when it exists or equals (or lies
-    inside) one of the input folders ``inputs`` (argument -> path), unless ``overwrite``."""
+    inside) one of the input folders ``inputs`` (argument -> path), unless ``overwrite``. A folder that
+    *contains* an input folder or file (``--out .``, ``--out model/..``, ``--out`` holding the ``--data``
+    file) is refused even with ``overwrite`` (replacing it
+    would delete the input), and ``overwrite`` replaces only an empty, sparsekit-written or model folder."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file, not a folder; pass a folder path")
     target = out.expanduser().resolve()
     for argument, source in inputs.items():
-        if source is None or not Path(source).expanduser().is_dir():
+        if source is None or not Path(source).expanduser().exists():
             continue
         folder = Path(source).expanduser().resolve()
+        if target in folder.parents:
+            raise ValueError(f"--out {str(out)!r} contains the input of {argument} ({str(source)!r}); "
+                             "replacing it would delete the input, even with --overwrite: pass another "
+                             "--out")
+        if not folder.is_dir():  # an input file (--calib, --data): only containing it is refused
+            continue
         if not overwrite and (target == folder or folder in target.parents):
             where = "is" if target == folder else "lies inside"
             raise ValueError(f"--out {str(out)!r} {where} the input folder of {argument} ({source!r}); "
                              "writing there would overwrite the input: pass another --out, or --overwrite")
     if out.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists; pass another --out, or --overwrite to replace it")
+    if out.exists() and not _replaceable(out):
+        raise ValueError(f"--out {str(out)!r} is a folder of other files (no config.json or "
+                         f"{fileio.MANIFEST}); --overwrite replaces only an empty folder, a model folder "
+                         "or a sparsekit output: pass another --out")
     fileio.check_writable_parent(out, "--out")
 
 
@@ -161,9 +183,11 @@ counting conventions (sparsekit vs the reference implementations):
   (our 1:4 is their 3:4; 2:4 is the same).
 
 exit codes: 0 done, 2 bad arguments, 3 a layer's calibration statistics are unusable
-(HessianError: NaN/Inf, or not positive definite even with dampening)."""
+(HessianError: NaN/Inf, or not positive definite even with dampening), 5 the output could
+not be written (e.g. a full disk; nothing is left behind)."""
 EXIT_USAGE, EXIT_BAD_STATISTICS = 2, 3
 EXIT_NONFINITE = 4  # fine-tuning stopped at a NaN/infinite loss or gradient norm; nothing was saved
+EXIT_WRITE = 5  # the output could not be written (disk full, quota, read-only); nothing was left behind
 
 
 def _number(flag: str, kind: str = "real", **bounds):
@@ -251,10 +275,27 @@ def _save_quantized(report, nm, path: Path) -> Path:
     return save_sparse(path, weights)
 
 
+def _utf8_text(path: Path, flag: str) -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise ``ValueError`` naming ``flag``, file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, byte = data[:error.start].count(b"\n") + 1, data[error.start]
+        raise ValueError(f"{flag} {str(path)!r}: line {line} is not UTF-8 text (byte {byte:#04x} at offset "
+                         f"{error.start}); save the file as UTF-8") from None
+
+
+def _standard_json(record: dict) -> str:
+    """``record`` as standard JSON: a NaN or infinite number (e.g. ``rel_error`` without calibration data,
+    a diverged validation metric) is written ``null``, since JSON has no NaN/Infinity."""
+    return json.dumps(fileio.json_safe(record), indent=2, default=list, allow_nan=False)
+
+
 def _jsonl_rows(path: Path, flag: str) -> list[tuple[int, dict]]:
     """``[(line number, row)]`` of a .jsonl file; a line that is not a JSON object raises naming it."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_utf8_text(path, flag).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -274,8 +315,12 @@ def _read_text(path: Path, field: str = "text") -> str:
             if field not in row:
                 raise ValueError(f"--calib {path}: line {number} has no {field!r} field (its keys: "
                                  f"{sorted(row)}); every row of a .jsonl calibration file needs {field!r}")
-        return "\n".join(str(row[field]) for _, row in rows)
-    return path.read_text()
+        text = "\n".join(str(row[field]) for _, row in rows)
+    else:
+        text = _utf8_text(path, "--calib")
+    if not text.strip():
+        raise ValueError(f"--calib {str(path)!r} holds no text; pass a file with calibration text")
+    return text
 
 
 def text_calibration_batches(tokenizer, text: str, n: int, seq_len: int, batch_size: int, seed: int = 0,
@@ -377,7 +422,9 @@ def _save_compressed_tensors(model, quantized_report, tokenizer, out: Path, over
 
 def _check_prune_paths(args) -> None:
     """Every path and device of ``sparsekit prune``, checked before the model is loaded."""
-    check_out_folder(args.out, {"model": args.model, "--tokenizer": args.tokenizer}, args.overwrite)
+    check_out_folder(args.out, {"model": args.model, "--tokenizer": args.tokenizer,
+                                "--calib": args.calib if args.calib and Path(args.calib).is_file() else None},
+                     args.overwrite)
     check_model_source(args.model, "model")
     if args.tokenizer is not None:
         check_model_source(args.tokenizer, "--tokenizer")
@@ -420,11 +467,18 @@ def run_prune(args) -> int:
         "quant": quant.to_dict() if quant is not None else None,
     }
     if args.format == "compressed-tensors":
-        saved = _save_compressed_tensors(model, report if quant is not None else None, tokenizer, args.out,
-                                         args.overwrite)
+        with fileio.staged_directory(args.out, overwrite=args.overwrite) as staged:
+            # one folder, one manifest: the report is inside before the folder appears, so a run killed
+            # between the weights and the report leaves no "complete" output without its report
+            inner = _save_compressed_tensors(model, report if quant is not None else None, tokenizer,
+                                             staged / "compressed", False)
+            (inner / fileio.MANIFEST).unlink()
+            for entry in inner.iterdir():
+                os.replace(entry, staged / entry.name)
+            inner.rmdir()
+            (staged / "prune_report.json").write_text(_standard_json(record))
+        saved = args.out
         report = report.drop(columns="quantized") if quant is not None else report
-        fileio.atomic_write_text(args.out / "prune_report.json", json.dumps(record, indent=2, default=list))
-        fileio.write_manifest(args.out)  # the report joins the completed folder's record
     else:
         with fileio.staged_directory(args.out, overwrite=args.overwrite) as staged:
             if quant is not None:
@@ -434,7 +488,7 @@ def run_prune(args) -> int:
             model.save_pretrained(staged, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staged)
-            (staged / "prune_report.json").write_text(json.dumps(record, indent=2, default=list))
+            (staged / "prune_report.json").write_text(_standard_json(record))
     print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"overall sparsity of the pruned layers: {overall['sparsity']:.4f} "
           f"({int(overall['zeros'])} of {int(overall['params'])} weights are zero)")
@@ -479,8 +533,10 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shard student and teacher with FSDP2 (full shard, activation checkpointing); "
                              "run under accelerate launch or torchrun, one process per device; rank 0 writes "
                              "--out. Or launch with --config_file configs/accelerate_fsdp.yaml instead")
-    parser.add_argument("--train-size", type=int, default=None, help="use the first N training rows")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window of a 'text' data file")
+    parser.add_argument("--train-size", type=_number("--train-size", "integer", low=1), default=None,
+                        help="use the first N training rows")
+    parser.add_argument("--seq-len", type=_number("--seq-len", "integer", low=1), default=512,
+                        help="tokens per window of a 'text' data file")
     parser.add_argument("--scale", default="book", choices=("smoke", "book", "paper"), help="task scale")
     parser.add_argument("--eval-limit", type=int, default=None, help="validation rows to evaluate (a task)")
     parser.add_argument("--seed", type=int, default=0)
@@ -511,7 +567,8 @@ def _data_file_rows(path: Path, student_dir: str, seq_len: int) -> list[dict]:
 
 def _check_finetune_paths(args) -> None:
     """Every path of ``sparsekit finetune``, checked before any model is loaded."""
-    check_out_folder(args.out, {"student": args.student, "--teacher": args.teacher}, args.overwrite)
+    check_out_folder(args.out, {"student": args.student, "--teacher": args.teacher, "--data": args.data},
+                     args.overwrite)
     check_model_source(args.student, "student")
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
@@ -567,7 +624,7 @@ def run_finetune(args) -> int:
         model.save_pretrained(staged, safe_serialization=True)
         if task is not None and args.scale != "paper":
             task.tokenizer(args.scale).save_pretrained(staged)
-        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (staged / "metrics.json").write_text(_standard_json(metrics))
     last = result.record[-1] if result.record else {}
     print(f"{result.steps} steps in {result.wall_s:.1f} s; last loss {last.get('loss', float('nan')):.4f}; "
           f"sparsity {before:.4f} -> {metrics['sparsity_after']:.4f}; "
@@ -713,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
+    except (fileio.OutputWriteError, FileExistsError) as error:  # disk full; --out made by another run
+        parser.exit(EXIT_WRITE, f"sparsekit {args.command}: error: {error}\n")
     except FloatingPointError as error:
         from sparsekit.distill.guards import NonFiniteLossError
 

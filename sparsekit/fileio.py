@@ -2,7 +2,8 @@
 
 One rule for every file and folder the project writes (models, teachers, calibration, results JSON):
 
-1. the content goes to a temp entry in the *same* directory as its destination (``.<name>.tmp-<pid>-<rand>``),
+1. the content goes to a temp entry in the *same* directory as its destination
+   (``.<name>.tmp-<pid>@<host>-<rand>``),
 2. every file is flushed and ``fsync``-ed,
 3. a folder gets its completion record last: ``manifest.json`` with the sha256 and size of every file,
 4. the temp entry is renamed onto the destination (``os.replace``, atomic within a file system), and the
@@ -11,18 +12,23 @@ One rule for every file and folder the project writes (models, teachers, calibra
 A reader calls :func:`verify_manifest` and gets :class:`IncompleteOutputError` (a ``ValueError`` that names
 the folder and the file) for anything missing, truncated, altered or never completed. A process killed at any
 point leaves either the old destination or the new one, plus at most a temp entry, which
-:func:`clean_stale_temps` removes on the next run (only entries whose writing process is gone). Permissions
-follow the umask, as for any file created with ``open``: ``tempfile`` would otherwise leave them 0600 and a
-cache shared by a group unreadable.
+:func:`clean_stale_temps` removes on the next run (only entries whose writing process is gone, and only
+those written from this machine: a folder shared over a network file system holds other machines' temps).
+Permissions follow the umask, as for any file created with ``open``: ``tempfile`` would otherwise leave them
+0600 and a cache shared by a group unreadable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +40,37 @@ _TMP_MARK = ".tmp-"
 
 class IncompleteOutputError(ValueError):
     """A folder or file that was not written completely, or was altered after it was written."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (a full disk, a quota, a read-only file system); nothing was left behind.
+
+    Keeps the ``errno`` of the failure; the message names the destination and says that it is untouched.
+    """
+
+
+def _write_failed(final: Path, error: OSError) -> OutputWriteError:
+    reason = error.strerror or str(error)
+    return OutputWriteError(error.errno, f"writing {str(final)!r} failed: {reason}"
+                            f"{f' ({error.filename})' if error.filename else ''}; nothing was written there "
+                            "and the temp entry was removed")
+
+
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN/Infinity).
+
+    Dicts, lists and tuples are walked; other real numbers (numpy floats) become Python floats. A reader of
+    the JSON sees ``null`` where a measurement was not a finite number (e.g. a magnitude pruning's
+    ``rel_error`` without calibration data, or a diverged validation loss).
+    """
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, (bool, numbers.Integral)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
 
 
 def _umask() -> int:
@@ -53,8 +90,13 @@ def _follow_umask_tree(directory: Path) -> None:
             _follow_umask(path, is_dir=path.is_dir())
 
 
+def _host() -> str:
+    """This machine's name, letters and digits only (it marks the temp entries this machine writes)."""
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
 def _temp_prefix(final: Path) -> str:
-    return f".{final.name}{_TMP_MARK}{os.getpid()}-"
+    return f".{final.name}{_TMP_MARK}{os.getpid()}@{_host()}-"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -118,9 +160,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         _follow_umask(Path(tmp), is_dir=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not isinstance(error, OutputWriteError):
+            raise _write_failed(path, error) from error
         raise
     _fsync_dir(path.parent)
     return path
@@ -216,7 +260,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Remove temp entries (``.<name>.tmp-<pid>-…``) in ``directory`` whose writing process no longer runs."""
+    """Remove temp entries (``.<name>.tmp-<pid>@<host>-…``) in ``directory`` written from this machine by
+    a process that no longer runs (the older form ``.<name>.tmp-<pid>-…`` counts as this machine's)."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
@@ -224,7 +269,9 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     for entry in directory.iterdir():
         if not entry.name.startswith(".") or _TMP_MARK not in entry.name:
             continue
-        pid_text = entry.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
+        pid_text, _, host = entry.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0].partition("@")
+        if host and host != _host():  # written from another machine sharing this folder: its pid is not ours
+            continue
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -263,15 +310,37 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         yield tmp
         _follow_umask_tree(tmp)
         write_manifest(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
+        _move_into_place(tmp, final, overwrite)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, (OutputWriteError, FileExistsError)):
+            raise _write_failed(final, error) from error
         raise
+
+
+def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename the completed ``tmp`` onto ``final``; an existing ``final`` is swapped out, then removed.
+
+    Another process may complete the same ``final`` between the check and the rename (two runs building
+    the same cache entry): the rename then fails with ``ENOTEMPTY``/``EEXIST`` and the swap is done
+    instead (with ``overwrite``), so the last completed folder wins and no reader sees a half-built one.
+    """
+    raced = FileExistsError(errno.EEXIST, f"{str(final)!r} was created by another process while this one "
+                            "wrote it; it is kept: pass overwrite=True (or --overwrite) to replace it")
+    if not final.exists():
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+            if not overwrite:
+                raise raced from error
+    elif not overwrite:  # it appeared while this folder was written (it was absent at the start)
+        raise raced
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
+    os.rmdir(old)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)

@@ -575,3 +575,419 @@ def test_kernel_and_format_bad_input_is_refused_by_name(call, error, argument):
 def test_the_kernel_table_has_twelve_rows_or_more_and_no_duplicates():
     assert len(KERN_CASES) >= 12 and len({case[0] for case in KERN_CASES}) == len(KERN_CASES)
 # ==== end issue 19 (kern) ====
+
+# ==========================================================================================================
+# issue 19 (audit): faults beyond the listed cases — a NaN in one layer (which layer?), calibration files that
+# are empty or not UTF-8, an --out that contains the input or holds other files, a full disk during a save,
+# two writers of one folder, NaN measurements in the JSON records. Same conventions as the tables above.
+# ==========================================================================================================
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from sparsekit import fileio  # noqa: E402
+
+
+def model_with(path, value):
+    """The tiny Llama with ``value`` written into the weight at ``path`` (``"model.embed_tokens"`` …)."""
+    broken = model()
+    with torch.no_grad():
+        broken.get_submodule(path).weight[0, 0] = value
+    return broken
+
+
+def embedding_of(value):
+    broken = model()
+    with torch.no_grad():
+        broken.model.embed_tokens.weight.fill_(value)
+    return broken
+
+
+def prune_broken(broken, method, **kwargs):
+    return lambda: prune_model(broken, None if method == "magnitude" else batches(), method, 0.5,
+                               progress=False, **kwargs)
+
+
+def no_layers():
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=0,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+
+
+UP = "model.layers.1.mlp.up_proj"
+AUDIT_CASES = [
+    # --- a NaN/Inf weight or activation: the error names the layer that has it, for every method
+    ("prune_model wanda NaN weight names the layer", prune_broken(model_with(UP, NAN), "wanda"), ValueError,
+     UP),
+    ("prune_model magnitude NaN weight names the layer", prune_broken(model_with(UP, NAN), "magnitude"),
+     ValueError, UP),
+    ("prune_model magnitude inf weight names the layer", prune_broken(model_with(UP, INF), "magnitude"),
+     ValueError, UP),
+    ("prune_model sparsegpt NaN weight names the layer", prune_broken(model_with(UP, NAN), "sparsegpt"),
+     HessianError, UP),
+    ("prune_model wanda NaN activations name the first layer", prune_broken(embedding_of(NAN), "wanda"),
+     ValueError, "model.layers.0.self_attn.q_proj"),
+    ("prune_model sparsegpt inf activations name the first layer",
+     prune_broken(embedding_of(INF), "sparsegpt"), HessianError, "model.layers.0.self_attn.q_proj"),
+    ("prune_model wanda+rtn NaN weight names the layer",
+     prune_broken(model_with(UP, NAN), "wanda", quant={"bits": 8, "method": "rtn"}), ValueError, UP),
+    # --- patterns and models with nothing to prune (already refused; kept as guards)
+    ("prune_model nm (0, 4)", prune(nm=(0, 4)), ValueError, "nm"),
+    ("prune_model nm (5, 4)", prune(nm=(5, 4)), ValueError, "nm"),
+    ("prune_model nm (2, 0)", prune(nm=(2, 0)), ValueError, "nm"),
+    ("prune_model sparsity negative", prune(sparsity=-0.1), ValueError, "sparsity"),
+    ("prune_model sparsity 1.0 (nothing left)", prune(sparsity=1.0), ValueError, "sparsity"),
+    ("prune_model a model without blocks (0 layers)",
+     lambda: prune_model(no_layers(), None, "magnitude", 0.5, progress=False), ValueError, "model"),
+]
+
+
+@pytest.mark.parametrize("call, error, argument", [case[1:] for case in AUDIT_CASES],
+                         ids=[case[0] for case in AUDIT_CASES])
+def test_audit_bad_input_raises_the_conventional_error_naming_it(call, error, argument):
+    test_bad_input_raises_the_conventional_error_naming_the_argument(call, error, argument)
+
+
+def _bytes_file(tmp, name, data: bytes):
+    path = tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _calib_argv(root, calib):
+    return ["prune", str(root / "llama"), "--method", "wanda", "--calib", str(calib), "--seq-len", "2",
+            "--n-calib", "1"]
+
+
+def _folder_with_the_model(root, tmp):
+    import shutil
+
+    shutil.copytree(root / "llama", tmp / "parent" / "llama")
+    return tmp / "parent"
+
+
+AUDIT_CLI_CASES = [
+    # (name, argv(root, tmp) with --out last-but-one missing, exit code, named in the message)
+    ("calib jsonl with a non-UTF-8 byte",
+     lambda r, t: _calib_argv(r, _bytes_file(t, "c.jsonl", b'{"text": "word"}\n\n{"text": "w\xff"}\n')),
+     2, "--calib", "line 3"),
+    ("calib txt with a non-UTF-8 byte", lambda r, t: _calib_argv(r, _bytes_file(t, "c.txt", b"word \xfe w")),
+     2, "--calib", "line 1"),
+    ("calib txt empty", lambda r, t: _calib_argv(r, _bytes_file(t, "c.txt", b"")), 2, "--calib", "no text"),
+    ("calib jsonl of blank lines", lambda r, t: _calib_argv(r, _bytes_file(t, "c.jsonl", b"\n  \n")), 2,
+     "--calib", "no text"),
+    ("finetune data with a non-UTF-8 byte",
+     lambda r, t: ["finetune", str(r / "llama"), "--data",
+                   str(_bytes_file(t, "d.jsonl", b'{"text": "\xff"}')), "--loss", "CE", "--steps", "1"], 2,
+     "--data", "line 1"),
+    ("finetune text windows of --seq-len 0",
+     lambda r, t: ["finetune", str(r / "llama"), "--data", str(_bytes_file(t, "d.jsonl", b'{"text": "w"}')),
+                   "--loss", "CE", "--steps", "1", "--seq-len", "0"], 2, "--seq-len", "positive integer"),
+    ("finetune text windows of --seq-len -3",
+     lambda r, t: ["finetune", str(r / "llama"), "--data", str(_bytes_file(t, "d.jsonl", b'{"text": "w"}')),
+                   "--loss", "CE", "--steps", "1", "--seq-len", "-3"], 2, "--seq-len", "got -3"),
+]
+
+
+@pytest.mark.parametrize("argv, code, argument, detail", [case[1:] for case in AUDIT_CLI_CASES],
+                         ids=[case[0] for case in AUDIT_CLI_CASES])
+def test_audit_bad_data_file_exits_naming_the_argument_and_where(saved_model, tmp_path, capsys, argv, code,
+                                                                  argument, detail):
+    with pytest.raises(SystemExit) as info:
+        main([*argv(saved_model, tmp_path), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == code, err
+    assert re.search(rf"(^|\W){re.escape(argument)}(\W|$)", err) and detail in err, err
+    assert not (tmp_path / "out").exists()
+
+
+AUDIT_OUT_CASES = [
+    # (name, (root, tmp) -> (model folder, --out), with --overwrite: the input must survive
+    ("out is the parent of the model", lambda r, t: (_folder_with_the_model(r, t) / "llama",
+                                                     t / "parent")),
+    ("out is model/..", lambda r, t: (_folder_with_the_model(r, t) / "llama", t / "parent" / "llama" / "..")),
+    ("out is . holding the model", lambda r, t: (_folder_with_the_model(r, t) / "llama", Path("."))),
+    ("out is a folder of other files", lambda r, t: (r / "llama", _make(t / "notes", "dir"))),
+]
+
+
+@pytest.mark.parametrize("paths", [case[1] for case in AUDIT_OUT_CASES], ids=[c[0] for c in AUDIT_OUT_CASES])
+def test_overwrite_never_deletes_an_input_or_a_folder_of_other_files(saved_model, tmp_path, capsys,
+                                                                     monkeypatch, paths):
+    model_dir, out = paths(saved_model, tmp_path)
+    monkeypatch.chdir(tmp_path / "parent" if (tmp_path / "parent").exists() else tmp_path)
+    notes = Path(out).resolve() == (tmp_path / "notes").resolve()
+    keep = _make(Path(out) / "keep.txt", "file") if notes else None
+    before = sorted(os.listdir(model_dir))
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(model_dir), "--method", "magnitude", "--out", str(out), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--out" in err, err
+    assert sorted(os.listdir(model_dir)) == before
+    assert keep is None or keep.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_overwrite_never_deletes_the_calibration_or_data_file_inside_out(saved_model, tmp_path, capsys,
+                                                                       command):
+    """``--out work --overwrite`` where ``work`` (an earlier output) holds the --calib/--data file."""
+    import shutil
+
+    work = shutil.copytree(saved_model / "llama", tmp_path / "work")
+    if command == "prune":
+        source = _bytes_file(work, "calib.txt", TEXT.encode())
+        argv = ["prune", str(saved_model / "llama"), "--method", "wanda", "--calib", str(source), "--seq-len",
+                "8", "--n-calib", "2"]
+    else:
+        source = _bytes_file(work, "rows.jsonl", b'{"input_ids": [1, 2, 3, 4]}\n' * 4)
+        argv = ["finetune", str(saved_model / "llama"), "--data", str(source), "--loss", "CE", "--steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(work), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--out" in err and ("--calib" in err or "--data" in err), err
+    assert source.is_file()
+
+
+def test_out_symlink_or_trailing_slash_onto_the_input_is_refused(saved_model, tmp_path, capsys):
+    """Already refused (resolved paths): a symlink to the model and ``model/`` are the model."""
+    (tmp_path / "link").symlink_to(saved_model / "llama", target_is_directory=True)
+    for out in (str(tmp_path / "link"), str(saved_model / "llama") + "/"):
+        with pytest.raises(SystemExit) as info:
+            main(["prune", str(saved_model / "llama"), "--method", "magnitude", "--out", out, "--quiet"])
+        assert info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert not (saved_model / "llama" / fileio.MANIFEST).exists()
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def test_prune_report_is_standard_json_when_rel_error_is_nan(saved_model, tmp_path):
+    """Magnitude without calibration data has no rel_error (NaN): the report writes null, not NaN."""
+    assert main(["prune", str(saved_model / "llama"), "--method", "magnitude", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    layers = _strict_json(tmp_path / "o" / "prune_report.json")["layers"]
+    assert layers and all(row["rel_error"] is None for row in layers)
+    assert fileio.is_complete(tmp_path / "o")
+
+
+def test_finetune_metrics_are_standard_json_when_validation_is_nan(saved_model, tmp_path, monkeypatch):
+    """A diverged validation metric (NaN, inf) is saved as null after training, not as NaN or a traceback."""
+    from transformers import AutoTokenizer
+
+    class NanTask:
+        def rows(self, split, scale):
+            return ROWS
+
+        def collate(self, rows, scale):
+            return pad_collate(rows)
+
+        def evaluate(self, model, split, limit=None, scale="book"):
+            return {"loss": NAN, "perplexity": INF, "accuracy": 0.5}
+
+        def tokenizer(self, scale):
+            return AutoTokenizer.from_pretrained(saved_model / "llama")
+
+    monkeypatch.setattr(tasks, "get", lambda name: NanTask())
+    assert main(["finetune", str(saved_model / "llama"), "--task", "math", "--loss", "CE", "--steps", "1",
+                 "--batch-size", "2", "--warmup", "0", "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    metrics = _strict_json(tmp_path / "ft" / "metrics.json")
+    assert metrics["validation"] == {"loss": None, "perplexity": None, "accuracy": 0.5}
+    assert fileio.is_complete(tmp_path / "ft")
+
+
+def test_a_full_disk_during_the_save_exits_5_naming_out_and_leaves_nothing(saved_model, tmp_path, capsys,
+                                                                           monkeypatch):
+    from transformers import PreTrainedModel
+
+    def disk_full(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 64)  # half a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(saved_model / "llama"), "--method", "magnitude", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 5, err
+    assert str(out) in err and "No space left on device" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # neither the output nor its temp sibling
+
+
+def test_atomic_write_on_a_full_disk_names_the_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "calibration.json").write_text('{"old": 1}')
+    monkeypatch.setattr(fileio.os, "fsync", disk_full)
+    with pytest.raises(fileio.OutputWriteError) as info:
+        fileio.atomic_write_json(tmp_path / "calibration.json", {"new": 2})
+    assert info.value.errno == errno.ENOSPC and "calibration.json" in str(info.value)
+    assert os.listdir(tmp_path) == ["calibration.json"]
+    assert json.loads((tmp_path / "calibration.json").read_text()) == {"old": 1}  # the old file is intact
+
+
+def test_two_writers_of_one_folder_last_completed_wins_and_none_is_half(tmp_path, monkeypatch):
+    """A second process completes the same cache entry while this one writes it (the rename then finds a
+    non-empty folder): with overwrite the swap is done, without it a named FileExistsError; never half."""
+    final = tmp_path / "teachers" / "math-smoke-0123"
+    real_replace, raced = os.replace, []
+
+    def other_writer_first(src, dst):
+        if Path(dst) == final and not final.exists() and not raced:
+            raced.append(dst)  # the other process finishes first, between our check and our rename
+            with fileio.staged_directory(final) as other:
+                (other / "model.safetensors").write_text("other")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", other_writer_first)
+    with fileio.staged_directory(final, overwrite=True) as mine:
+        (mine / "model.safetensors").write_text("mine")
+    assert (final / "model.safetensors").read_text() == "mine" and fileio.is_complete(final)
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temp or swapped-out folder left
+
+    import shutil
+
+    shutil.rmtree(final)
+    raced.clear()
+    with pytest.raises(FileExistsError, match="another process"):
+        with fileio.staged_directory(final) as mine:
+            (mine / "model.safetensors").write_text("mine")
+    assert (final / "model.safetensors").read_text() == "other" and fileio.is_complete(final)
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+    # the other run finished while this one was still writing (not at the rename): kept, not swapped
+    shutil.rmtree(final)
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    with pytest.raises(FileExistsError, match="another process"):
+        with fileio.staged_directory(final) as mine:
+            with fileio.staged_directory(final) as other:
+                (other / "model.safetensors").write_text("other")
+            (mine / "model.safetensors").write_text("mine")
+    assert (final / "model.safetensors").read_text() == "other" and fileio.is_complete(final)
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_cache_and_bench_json_records_write_null_for_nan(tmp_path):
+    """A teacher curve or a benchmark result with a NaN measurement is written (null), not lost after it."""
+    from sparsekit import benchmarking
+    from sparsekit.tasks import cache
+
+    cache.write_json(tmp_path / "curve.json", [{"step": 1, "loss": 1.5, "bleu": NAN}])
+    assert _strict_json(tmp_path / "curve.json") == [{"step": 1, "loss": 1.5, "bleu": None}]
+    benchmarking.write_json({"speedup": np.float32("inf"), "ms": [1.0, NAN]}, tmp_path / "b.json")
+    assert _strict_json(tmp_path / "b.json") == {"speedup": None, "ms": [1.0, None]}
+
+
+def test_the_audit_tables_are_large_and_have_no_duplicates():
+    names = [case[0] for case in CASES + NUMBER_CASES + AUDIT_CASES + AUDIT_CLI_CASES + AUDIT_OUT_CASES]
+    assert len(AUDIT_CASES) + len(AUDIT_CLI_CASES) + len(AUDIT_OUT_CASES) >= 20
+    assert len(set(names)) == len(names)
+
+
+def test_cached_speech_features_are_served_only_when_their_sha256_matches(tmp_path):
+    """A flipped bit in the cached features (or a file without its digest) is rebuilt, never served."""
+    from sparsekit.tasks.speech import features_file, read_features
+
+    feats = torch.randn(3, 4, 5).half()
+    path = tmp_path / "features.safetensors"
+    path.write_bytes(features_file(feats))
+    assert torch.equal(read_features(path), feats)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last values: safetensors still reads the file
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="features.safetensors.*sha256 does not match"):
+        assert read_features(path) is None
+    from safetensors.torch import save
+
+    path.write_bytes(save({"input_features": feats}))  # written by an older version: no digest
+    with pytest.warns(UserWarning, match="rebuilt"):
+        assert read_features(path) is None
+    assert read_features(tmp_path / "missing.safetensors") is None
+
+
+def test_a_second_prune_run_to_the_same_out_keeps_the_first_and_exits_naming_it(saved_model, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Two runs with one --out (no --overwrite): the one that finishes second does not replace the other's
+    folder (nor crash with a traceback); it exits 5 naming the folder, and leaves no temp behind."""
+    from transformers import PreTrainedModel
+
+    out, real_save = tmp_path / "out", PreTrainedModel.save_pretrained
+
+    def other_run_finishes_first(self, folder, **kwargs):
+        if not out.exists():
+            with fileio.staged_directory(out) as other:
+                (other / "config.json").write_text("{}")
+        return real_save(self, folder, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", other_run_finishes_first)
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(saved_model / "llama"), "--method", "magnitude", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 5 and str(out) in err and "Traceback" not in err, err
+    assert (out / "config.json").read_text() == "{}" and fileio.is_complete(out)
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_temps_of_another_machine_sharing_the_folder_are_not_cleaned(tmp_path, monkeypatch):
+    """A cache on a network file system shared by two machines: machine A's next run must not delete the temp
+    of a write still in progress on machine B (B's pid means nothing on A); A's own dead temps are removed."""
+    monkeypatch.setattr(fileio, "_host", lambda: "machineB")
+    with fileio.staged_directory(tmp_path / "entry") as writing_on_b:
+        monkeypatch.setattr(fileio, "_host", lambda: "machineA")
+        monkeypatch.setattr(fileio, "_pid_alive", lambda pid: False)  # no such pid on machine A
+        dead_on_a = tmp_path / f".other{fileio._TMP_MARK}123@machineA-x"
+        dead_on_a.mkdir()
+        assert fileio.clean_stale_temps(tmp_path) == [dead_on_a]
+        assert writing_on_b.is_dir()
+        (writing_on_b / "model.safetensors").write_text("b")
+    assert fileio.is_complete(tmp_path / "entry")
+
+
+def test_compressed_tensors_output_is_never_complete_without_its_report(saved_model, tmp_path, monkeypatch):
+    """A run killed (here: interrupted) after the compressed weights, before prune_report.json, leaves no
+    folder that verifies as a complete output; an uninterrupted run has one manifest covering the report."""
+    import sparsekit.cli
+
+    real_json = sparsekit.cli._standard_json
+
+    def killed(record):
+        raise KeyboardInterrupt
+
+    argv = ["prune", str(saved_model / "llama"), "--method", "magnitude", "--format", "compressed-tensors",
+            "--quiet", "--out"]
+    monkeypatch.setattr(sparsekit.cli, "_standard_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, str(tmp_path / "ct")])
+    assert not fileio.is_complete(tmp_path / "ct") and os.listdir(tmp_path) == []
+    monkeypatch.setattr(sparsekit.cli, "_standard_json", real_json)
+    assert main([*argv, str(tmp_path / "ct")]) == 0
+    manifest = fileio.verify_manifest(tmp_path / "ct")
+    assert {"prune_report.json", "config.json"} <= set(manifest["files"])
+    assert "compressed" not in os.listdir(tmp_path / "ct")
+
+
+def test_a_full_disk_while_updating_the_readme_leaves_it_whole(tmp_path, monkeypatch):
+    """The book driver rewrites README.md between its markers: a failed write must not truncate it."""
+    from sparsekit import book
+
+    readme = tmp_path / "README.md"
+    original = f"intro\n{book.README_MARKERS[0]}\nold\n{book.README_MARKERS[1]}\noutro\n"
+    readme.write_text(original)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    real_write = Path.write_text
+
+    def write_half(self, text, *args, **kwargs):  # the non-atomic path: the disk fills halfway
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+    with pytest.raises(OSError, match="No space left"):
+        book.update_readme("new results", readme)
+    assert readme.read_bytes().decode() == original and os.listdir(tmp_path) == ["README.md"]

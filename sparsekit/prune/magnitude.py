@@ -67,11 +67,11 @@ def magnitude_prune(W: torch.Tensor, sparsity: float = 0.5, nm=None,
     ``scope``: ``"row"`` (``round(sparsity · in)`` zeros in every row) or ``"layer"`` (one threshold,
     ``round(sparsity · out · in)`` zeros in the layer: the papers' baseline). ``nm=(n, m)`` keeps ``n`` of
     every ``m`` consecutive inputs and overrides ``sparsity`` (``n:m`` implies ``1 - n/m``). Raises
-    ``TypeError`` for a non-tensor ``W``, ``ValueError`` for a wrong shape or NaN weights.
+    ``TypeError`` for a non-tensor ``W``, ``ValueError`` for a wrong shape or NaN/Inf weights.
     """
     _validate.tensor(W, "W", dim=2, what="a 2-D tensor [out, in]")
-    if torch.isnan(W).any():
-        raise ValueError(f"W must not hold NaN; got {int(torch.isnan(W).sum())} NaN weights of {W.numel()} "
-                         "(they would sort as the largest and be kept)")
+    if not torch.isfinite(W).all():  # as wanda and sparsegpt: a pruned model never keeps a NaN/Inf weight
+        raise ValueError(f"W must be finite; got {int((~torch.isfinite(W)).sum())} NaN/Inf weights of "
+                         f"{W.numel()} (they would sort as the largest and be kept)")
     mask = mask_from_scores(W.detach().abs().float(), sparsity, nm, scope)
     return W * mask, mask

@@ -134,7 +134,12 @@ def _prune_linear(linear: nn.Module, name: str, stats: HessianStats | None, solv
         raise ValueError(f"layer {name!r} received no calibration inputs; cannot prune it with statistics")
     W = weight_out_in(linear)  # [out, in], a view: Conv1D (GPT-2) stores the transpose
     start = time.perf_counter()
-    pruned, mask, *quantized = solver.prune(W, stats, sparsity, nm, name, **options)
+    try:
+        pruned, mask, *quantized = solver.prune(W, stats, sparsity, nm, name, **options)
+    except ValueError as error:
+        if type(error) is not ValueError or name in str(error):  # HessianError & co. name the layer already
+            raise
+        raise ValueError(f"layer {name!r}: {error}") from error  # e.g. a NaN weight: which layer has it
     seconds = time.perf_counter() - start
     rel_error = float("nan")
     if stats is not None:

@@ -70,8 +70,10 @@ def data_dir(task: str, scale: str, data_version: str) -> Path:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as standard JSON atomically (:func:`sparsekit.fileio.atomic_write_json`)."""
-    fileio.atomic_write_json(path, obj, default=str)
+    """Write ``obj`` as standard JSON atomically (:func:`sparsekit.fileio.atomic_write_json`); a NaN or
+    infinite number (a validation metric of a diverged step) is written ``null`` instead of failing after the
+    training it records (:func:`sparsekit.fileio.json_safe`)."""
+    fileio.atomic_write_json(path, fileio.json_safe(obj), default=str)
 
 
 def read_json(path: Path):

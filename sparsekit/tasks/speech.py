@@ -176,7 +176,11 @@ def voice_distances() -> np.ndarray:
                   "voices": VOICE_VARIANTS})
     path = cache.data_dir("speech", "voices", "1") / f"distances-{key}.json"
     if path.exists():
-        return np.asarray(cache.read_json(path), dtype=np.float64)
+        try:
+            return np.asarray(cache.read_json(path), dtype=np.float64)
+        except (ValueError, TypeError) as error:  # damaged on disk: recomputed, not a crash on every import
+            warnings.warn(f"the cached voice distances {str(path)!r} are unreadable and are recomputed: "
+                          f"{error}", stacklevel=2)
     words = [HINDI_NUMBERS[n] for n in PROBE_NUMBERS]
     utts = [audio.Utterance(w, v, PROBE_SPEED, PROBE_PITCH) for v in VOICE_VARIANTS for w in words]
     clips = audio.synthesize_many(utts, progress=False)
@@ -184,6 +188,40 @@ def voice_distances() -> np.ndarray:
     dist = np.stack([np.abs(f[None] - feats).mean(axis=(1, 2)) for f in feats]).astype(np.float64)
     cache.write_json(path, dist.tolist())
     return dist
+
+
+def _sha256_of(feats: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(feats.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def features_file(feats: torch.Tensor) -> bytes:
+    """The bytes of a features cache file: safetensors ``{"input_features": feats}`` whose header records
+    the sha256 of the values, so that :func:`read_features` serves only what was written."""
+    from safetensors.torch import save
+
+    return save({"input_features": feats}, metadata={"sha256": _sha256_of(feats)})
+
+
+def read_features(path: Path) -> torch.Tensor | None:
+    """The cached features at ``path``, or ``None`` (one warning naming the file) when they are missing,
+    unreadable, or do not match the sha256 in their header (a flipped bit, a file from an older version)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("sha256")
+            feats = handle.get_tensor("input_features")
+        problem = None if recorded == _sha256_of(feats) else "their sha256 does not match the recorded one"
+    except Exception as error:  # safetensors raises its own types for a damaged file
+        problem = f"they are unreadable ({error})"
+    if problem is None:
+        return feats
+    warnings.warn(f"the cached speech features {str(path)!r} are rebuilt: {problem}", stacklevel=3)
+    return None
 
 
 def voice_split(spec: SpeechSpec, distances: np.ndarray | None = None) -> dict[str, tuple[str, ...]]:
@@ -382,16 +420,12 @@ class SpeechTask(Task):
         return self._features[scale]
 
     def _load_or_synthesize(self, spec: SpeechSpec, scale: str, path: Path) -> torch.Tensor:
-        from safetensors.torch import load_file, save
         from tqdm.auto import tqdm
 
         fileio.clean_stale_temps(path.parent)
-        if path.exists():
-            try:
-                return load_file(str(path))["input_features"]
-            except Exception as error:  # safetensors raises its own types for a damaged file
-                warnings.warn(f"the cached speech features {str(path)!r} are unreadable and are rebuilt: "
-                              f"{error}", stacklevel=2)
+        cached = read_features(path)
+        if cached is not None:
+            return cached
         rows = sorted(
             (r for s in ("train", "validation", "test", "calibration") for r in self.rows(s, scale)),
             key=lambda r: r["clip"],
@@ -402,7 +436,7 @@ class SpeechTask(Task):
             for i in tqdm(range(0, len(clips), 500), desc="log-mel")
         ]
         feats = torch.cat(chunks).contiguous()
-        fileio.atomic_write_bytes(path, save({"input_features": feats}))
+        fileio.atomic_write_bytes(path, features_file(feats))
         return feats
 
     # ---- tokenizer ----------------------------------------------------------------------------
