@@ -44,8 +44,8 @@ __all__ = ["cache_dir", "load_extension", "SOURCES", "CFLAGS", "build_key", "lib
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "kernels.cpp", CSRC / "ops.cpp")
 HEADERS = (CSRC / "sparse_cpu.h",)
-CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-fopenmp", "-Wno-maybe-uninitialized"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-std=c++17", "-fno-strict-aliasing", "-fopenmp", "-Wno-maybe-uninitialized")
+LDFLAGS = ("-fopenmp",)
 FALLBACK_NOTE = ("the sparse ops fall back to torch (decompress + dense F.linear), which is correct but not "
                  "faster than dense")
 
@@ -72,6 +72,7 @@ def build_key() -> str:
     digest = hashlib.sha256()
     for path in (*SOURCES, *HEADERS):
         digest.update(path.read_bytes())
+    # tuples: torch's load() appends to the flag lists it is given, which would change the key after a build
     digest.update(" ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode())
     return digest.hexdigest()[:16]
 
@@ -103,9 +104,9 @@ def _compile(build_dir: Path, name: str) -> Path:
 
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        path = load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    extra_include_paths=[str(CSRC)], build_directory=str(build_dir), is_python_module=False,
-                    verbose=False)
+        path = load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                    extra_ldflags=list(LDFLAGS), extra_include_paths=[str(CSRC)],
+                    build_directory=str(build_dir), is_python_module=False, verbose=False)
     except OSError:
         raise
     except Exception as error:  # noqa: BLE001 - a compiler or linker failure
