@@ -349,7 +349,7 @@ def test_the_path_table_is_large_and_has_no_duplicates():
 from sparsekit.distill import SparseTrainer, kd_loss  # noqa: E402
 from sparsekit.distill.experiment import RecoveryConfig  # noqa: E402
 from sparsekit.distill.finetune import finetune, pad_collate  # noqa: E402
-from sparsekit.distill.trainer import loss_spikes  # noqa: E402
+from sparsekit.distill.trainer import loss_spikes, parse_loss_mix  # noqa: E402
 
 ROWS = [{"input_ids": list(range(1, 9))} for _ in range(4)]
 
@@ -384,6 +384,8 @@ LOGITS = torch.zeros(1, 2, 3)
 NAN, INF = float("nan"), float("inf")
 
 NUMBER_CASES = [
+    # --- a loss mix that names a component twice (the last weight would silently win)
+    ("loss mix component twice", lambda: parse_loss_mix("ce=1,ce=2"), ValueError, "ce"),
     # --- fine-tuning arguments: every number finite
     ("finetune lr inf", finetune_call(lr=INF), ValueError, "lr"),
     ("finetune lr NaN", finetune_call(lr=NAN), ValueError, "lr"),

@@ -70,6 +70,8 @@ def parse_loss_mix(mix: str | Mapping[str, float]) -> dict[str, float]:
         weights = {}
         for part in mix.split(","):
             name, _, value = part.partition("=")
+            if name.strip() in weights:
+                raise ValueError(f"loss mix {mix!r} names {name.strip()!r} twice; give each component once")
             try:
                 weights[name.strip()] = float(value) if value else 1.0
             except ValueError:
