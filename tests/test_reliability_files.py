@@ -184,29 +184,8 @@ def test_written_files_follow_the_umask(dense, tmp_path, umask):
 
 # ---- the teacher cache ----------------------------------------------------------------------------------
 
-@pytest.fixture()
-def counting_math(tmp_path, monkeypatch):
-    """The math task with a 2-step training config, a tmp cache, and a counter of training runs."""
-    from sparsekit import tasks
-
-    monkeypatch.setenv("SPARSEKIT_CACHE", str(tmp_path))
-    task = tasks.get("math")
-    config = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, log_every=1)
-    monkeypatch.setattr(task, "train_config", lambda scale="book": config)
-    runs = []
-    real_train = base.train
-
-    def counting_train(*args, **kwargs):
-        runs.append(1)
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(base, "train", counting_train)
-    task._tokenizers.pop("smoke", None)
-    return task, runs
-
-
 def test_a_teacher_with_a_flipped_bit_is_rebuilt_not_served(counting_math):
-    task, runs = counting_math
+    task, runs, _ = counting_math
     first = task.teacher("smoke", progress=False)
     path = task.teacher_path("smoke")
     assert fileio.is_complete(path) and len(runs) == 1
@@ -225,7 +204,7 @@ def test_a_teacher_with_a_flipped_bit_is_rebuilt_not_served(counting_math):
 
 def test_a_teacher_entry_without_a_manifest_is_rebuilt(counting_math):
     """A folder with every file but the completion record (a killed writer of an older layout)."""
-    task, runs = counting_math
+    task, runs, _ = counting_math
     task.teacher("smoke", progress=False)
     path = task.teacher_path("smoke")
     (path / fileio.MANIFEST).unlink()
@@ -240,7 +219,7 @@ def test_teacher_key_covers_the_training_code(counting_math, monkeypatch):
 
     from sparsekit.tasks import training
 
-    task, _ = counting_math
+    task, _, _ = counting_math
     monkeypatch.setattr(base, "train", training.train)
     key = task.teacher_key("smoke")
     assert key == task.teacher_key("smoke")

@@ -55,26 +55,6 @@ def test_lr_schedule_warmup_then_linear_decay():
 from dataclasses import replace  # noqa: E402
 
 import sparsekit.tasks.base as base  # noqa: E402
-from sparsekit.tasks.base import TrainConfig  # noqa: E402
-
-
-@pytest.fixture()
-def counting_math(tmp_path, monkeypatch):
-    """The math task with a 2-step training config, a tmp cache, and a counter of training runs."""
-    monkeypatch.setenv("SPARSEKIT_CACHE", str(tmp_path))
-    task = tasks.get("math")
-    config = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, log_every=1)
-    monkeypatch.setattr(task, "train_config", lambda scale="book": config)
-    runs = []
-    real_train = base.train
-
-    def counting_train(*args, **kwargs):
-        runs.append(1)
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(base, "train", counting_train)
-    task._tokenizers.pop("smoke", None)  # the tokenizer cache lives under the tmp cache dir too
-    return task, runs, monkeypatch
 
 
 def test_teacher_is_cached_and_reused(counting_math):
