@@ -97,15 +97,10 @@ def authors_recipe(patterns: tuple[str, ...]) -> tuple[tuple[str, float, float],
     return tuple((p, *AUTHORS_RECIPE[p]) for p in patterns)
 
 
-def _positive_finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value)) \
-        and value > 0
-
-
 def _check_recipe_fields(max_grad_norm, recipe) -> None:
-    if max_grad_norm is not None and not _positive_finite(max_grad_norm):
-        raise ValueError(f"max_grad_norm must be a positive finite number or None (no clipping), "
-                         f"got {max_grad_norm!r}")
+    if max_grad_norm is not None:
+        _validate.real(max_grad_norm, "max_grad_norm", low=0.0, low_open=True,
+                       allowed="a positive finite number or None (no clipping)")
     if not isinstance(recipe, tuple):
         raise TypeError(f"recipe must be a tuple of (pattern, epochs, lr), got {type(recipe).__name__}")
     for entry in recipe:
@@ -114,9 +109,7 @@ def _check_recipe_fields(max_grad_norm, recipe) -> None:
         pattern, epochs, lr = entry
         parse_pattern(pattern)
         for name, value in (("epochs", epochs), ("lr", lr)):
-            if not _positive_finite(value):
-                raise ValueError(f"recipe {name} for {pattern} must be a positive finite number, "
-                                 f"got {value!r}")
+            _validate.real(value, f"recipe {name} for {pattern}", low=0.0, low_open=True)
     labels = [entry[0] for entry in recipe]
     if len(set(labels)) != len(labels):
         raise ValueError(f"recipe lists a pattern more than once: {labels}")
@@ -166,11 +159,9 @@ class RecoveryConfig:
 
     def __post_init__(self):
         _check_recipe_fields(self.max_grad_norm, self.recipe)
-        steps = self.teacher_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
-            raise ValueError(f"teacher_steps must be a positive int or None, got {self.teacher_steps!r}")
-        if not _positive_finite(self.teacher_lr):
-            raise ValueError(f"teacher_lr must be a positive finite number, got {self.teacher_lr!r}")
+        if self.teacher_steps is not None:
+            _validate.integer(self.teacher_steps, "teacher_steps", low=1)
+        _validate.real(self.teacher_lr, "teacher_lr", low=0.0, low_open=True)
         for label in self.patterns + self.headline + (self.sweep_pattern,):
             parse_pattern(label)
         for name in ("group_by_length", "bf16", "fsdp"):
